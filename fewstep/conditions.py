@@ -1,0 +1,112 @@
+"""Conditions: what a denoiser is conditioned on, batched like a tensor.
+
+A :class:`Condition` holds any of prompt embeddings, pooled embeddings (SDXL), micro-conditioning
+time ids (SDXL), and class labels, together with the matching *null* (unconditional) branch that the
+teacher's own pipeline would use, so ``cond.null()`` is all classifier-free guidance needs.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+NULL_CLASS = -1  # class label of the unconditional branch; adapters map it to their own null index
+
+
+@dataclass
+class Condition:
+    prompt_embeds: Optional[Tensor] = None  # (B, L, D) text-encoder hidden states
+    pooled_embeds: Optional[Tensor] = None  # (B, D') pooled text embedding (SDXL text_encoder_2)
+    time_ids: Optional[Tensor] = None  # (B, 6) SDXL micro-conditioning (orig size, crop, target size)
+    class_labels: Optional[Tensor] = None  # (B,) long; NULL_CLASS for unconditional
+    null_prompt_embeds: Optional[Tensor] = None  # the unconditional branch's prompt embeddings
+    null_pooled_embeds: Optional[Tensor] = None
+
+    # ---- batching -----------------------------------------------------------------------------
+    def _map(self, fn) -> "Condition":
+        return Condition(**{f.name: (None if getattr(self, f.name) is None else fn(getattr(self, f.name)))
+                            for f in fields(self)})
+
+    def __len__(self) -> int:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is not None:
+                return v.shape[0]
+        return 0
+
+    def __getitem__(self, idx) -> "Condition":
+        return self._map(lambda v: v[idx])
+
+    def to(self, device=None, dtype=None) -> "Condition":
+        def move(v: Tensor) -> Tensor:
+            if dtype is not None and v.is_floating_point():
+                return v.to(device=device, dtype=dtype)
+            return v.to(device=device)
+
+        return self._map(move)
+
+    def repeat(self, n: int) -> "Condition":
+        """Repeat every sample ``n`` times (``repeat_interleave`` on the batch axis)."""
+        return self._map(lambda v: v.repeat_interleave(n, dim=0))
+
+    @property
+    def is_empty(self) -> bool:
+        return all(getattr(self, f.name) is None for f in fields(self))
+
+    def null(self) -> "Condition":
+        """The unconditional branch for classifier-free guidance."""
+        out = dataclasses.replace(self)
+        if self.prompt_embeds is not None:
+            if self.null_prompt_embeds is None:
+                raise ValueError("this condition has prompt embeddings but no null branch to guide against")
+            out.prompt_embeds = self.null_prompt_embeds
+            out.pooled_embeds = self.null_pooled_embeds if self.null_pooled_embeds is not None else self.pooled_embeds
+        if self.class_labels is not None:
+            out.class_labels = torch.full_like(self.class_labels, NULL_CLASS)
+        return out
+
+    @staticmethod
+    def cat(conds: Sequence["Condition"]) -> "Condition":
+        first = conds[0]
+        kw = {}
+        for f in fields(first):
+            vals = [getattr(c, f.name) for c in conds]
+            if all(v is None for v in vals):
+                kw[f.name] = None
+            elif any(v is None for v in vals):
+                raise ValueError(f"cannot concatenate conditions: field {f.name!r} is missing in some")
+            else:
+                kw[f.name] = torch.cat(vals, dim=0)
+        return Condition(**kw)
+
+
+class PromptCache:
+    """Encode each distinct prompt once (with the teacher pipeline's own encoder) and keep the result.
+
+    ``encode_fn(list[str]) -> Condition`` is supplied by the teacher adapter and must return the null
+    branch too.  ``get(prompts)`` returns a batched :class:`Condition` on CPU.
+    """
+
+    def __init__(self, encode_fn, batch_size: int = 32):
+        self._encode = encode_fn
+        self._batch = batch_size
+        self._cache: dict[str, Condition] = {}
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def warm(self, prompts: Sequence[str]) -> None:
+        todo = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        for i in range(0, len(todo), self._batch):
+            chunk = todo[i:i + self._batch]
+            with torch.no_grad():
+                enc = self._encode(chunk).to("cpu")
+            for j, p in enumerate(chunk):
+                self._cache[p] = enc[j:j + 1]
+
+    def get(self, prompts: Sequence[str]) -> Condition:
+        self.warm(prompts)
+        return Condition.cat([self._cache[p] for p in prompts])

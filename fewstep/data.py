@@ -1,0 +1,127 @@
+"""Data sources: prompts (txt / jsonl / csv), image folders (encoded once to latents), nothing (data-free).
+
+All sampling is driven by a caller-supplied ``torch.Generator``, so a batch is a pure function of
+(seed, step, micro-batch, process) and resume is exact without saving a data-loader position.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+class DataError(ValueError):
+    """One-line, user-facing data problem."""
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a ``.txt`` (one a line), ``.jsonl`` / ``.json`` (key ``prompt``, ``caption`` or ``text``; or the
+    COCO captions JSON with an ``annotations`` list) or ``.csv`` (column ``prompt``/``caption``/``text``) file."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"prompt file not found: {path}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read prompt file {path}: {e}") from None
+    keys = ("prompt", "caption", "text")
+    prompts: list[str] = []
+    if p.suffix == ".jsonl":
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                raise DataError(f"malformed JSON on line {i} of {path}") from None
+            val = next((obj[k] for k in keys if isinstance(obj, dict) and k in obj), obj if isinstance(obj, str) else None)
+            if val is None:
+                raise DataError(f"line {i} of {path} has none of the keys {keys}")
+            prompts.append(str(val))
+    elif p.suffix == ".json":
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"malformed JSON in {path}: {e.msg} (line {e.lineno})") from None
+        items = obj.get("annotations", []) if isinstance(obj, dict) else obj
+        for it in items:
+            val = it if isinstance(it, str) else next((it[k] for k in keys if k in it), None)
+            if val is not None:
+                prompts.append(str(val))
+    elif p.suffix == ".csv":
+        rows = list(csv.DictReader(text.splitlines()))
+        col = next((k for k in keys if rows and k in rows[0]), None)
+        if col is None:
+            raise DataError(f"{path} needs a column named one of {keys}")
+        prompts = [r[col] for r in rows]
+    else:
+        prompts = text.splitlines()
+    prompts = [q.strip() for q in prompts if q and q.strip()]
+    if not prompts:
+        raise DataError(f"prompt file {path} has no prompts")
+    return prompts
+
+
+def list_images(folder: str) -> list[Path]:
+    p = Path(folder)
+    if not p.is_dir():
+        raise DataError(f"image folder not found: {folder}")
+    files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTS)
+    if not files:
+        raise DataError(f"image folder {folder} has no images ({', '.join(sorted(IMAGE_EXTS))})")
+    return files
+
+
+def load_images(files: Sequence[Path], size: int) -> Tensor:
+    """Images as a float tensor in [-1, 1], (N, 3, size, size), center-cropped and resized."""
+    from PIL import Image, UnidentifiedImageError
+    import numpy as np
+
+    out = []
+    for f in files:
+        try:
+            im = Image.open(f).convert("RGB")
+        except (UnidentifiedImageError, OSError) as e:
+            raise DataError(f"unreadable image {f}: {e}") from None
+        w, h = im.size
+        s = min(w, h)
+        im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize((size, size), Image.BICUBIC)
+        out.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
+    return torch.stack(out)
+
+
+class DataSource:
+    """What a run reads: prompts and/or real samples.  Built from ``DataConfig``; lazily loaded."""
+
+    def __init__(self, prompts: Optional[str] = None, images: Optional[str] = None):
+        self.prompts_path = prompts
+        self.images_path = images
+        self._prompts: Optional[list[str]] = None
+        self.opened: list[str] = []  # what was actually read (data-free objectives assert this stays empty)
+
+    @property
+    def prompts(self) -> Optional[list[str]]:
+        if self._prompts is None and self.prompts_path:
+            self._prompts = read_prompts(self.prompts_path)
+            self.opened.append(self.prompts_path)
+        return self._prompts
+
+    def sample_prompts(self, n: int, generator: torch.Generator) -> list[str]:
+        ps = self.prompts
+        if not ps:
+            raise DataError("this teacher is text-conditioned: set data.prompts to a text file, one prompt a line")
+        idx = torch.randint(len(ps), (n,), generator=generator).tolist()
+        return [ps[i] for i in idx]
+
+    def image_files(self) -> list[Path]:
+        if not self.images_path:
+            raise DataError("real images are needed (GAN term): set data.images to a folder of images")
+        files = list_images(self.images_path)
+        self.opened.append(self.images_path)
+        return files

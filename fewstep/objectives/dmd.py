@@ -1,0 +1,291 @@
+"""DMD (Yin et al. 2023, arXiv 2311.18828) and DMD2 (Yin et al. 2024, arXiv 2405.14867).
+
+Student ``G``: a copy of the teacher, x0-output, on the fixed grid ``times`` (1 to 4 steps).
+Critic (fake score) ``D_F``: a copy of the teacher trained by denoising on the student's samples.
+Generator gradient (Algorithm 1 of DMD): ``(D_F(x_t) - D_T(x_t)) / mean|x - D_T(x_t)|`` at
+``t ~ U(min_t, max_t)``, teacher with CFG, critic without.
+DMD adds a regression loss on teacher ODE pairs cached at start-up; DMD2 drops it, updates the critic
+every step and the student every ``critic_steps`` (two time-scale rule), optionally adds a GAN head on
+the critic's bottleneck features, and trains multi-step students with backward simulation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import losses
+from ..conditions import Condition
+from ..sampling import ode_sample
+from ..teachers.base import frozen
+from .base import Batch, LossOutput, Objective, ObjectiveConfig, register
+
+
+class GANHead(nn.Module):
+    """Small classifier on bottleneck features: conv stack + global pool for maps, an MLP for vectors."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = channels
+        self.conv = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(_groups(channels), channels), nn.SiLU(),
+            nn.Conv2d(channels, channels, 3, padding=1), nn.SiLU())
+        self.mlp = nn.Sequential(nn.Linear(channels, channels), nn.SiLU())
+        self.out = nn.Linear(channels, 1)
+
+    def forward(self, feats: Tensor) -> Tensor:
+        if feats.ndim == 4:
+            h = self.conv(feats).mean((2, 3))
+        else:
+            h = self.mlp(feats)
+        return self.out(h).squeeze(-1)
+
+
+def _groups(c: int) -> int:
+    for g in (32, 16, 8, 4, 2, 1):
+        if c % g == 0:
+            return g
+    return 1
+
+
+class Critic(nn.Module):
+    """The fake-score denoiser, and the GAN head reading its bottleneck, behind one ``forward``.
+
+    One module per trainable group keeps DDP/FSDP gradient synchronisation correct: every call that
+    trains the critic goes through this ``forward``.
+    """
+
+    def __init__(self, denoiser: nn.Module, head: Optional[GANHead] = None):
+        super().__init__()
+        self.denoiser = denoiser
+        self.head = head
+
+    @property
+    def schedule(self):
+        return self.denoiser.schedule
+
+    def forward(self, x_t, t, cond, return_native: bool = False, with_logits: bool = False):
+        if with_logits:
+            if self.head is None:
+                raise ValueError("critic has no GAN head (objective.gan_weight is 0)")
+            x0, native, feats = self.denoiser(x_t, t, cond, return_native=True, return_features=True)
+            logits = self.head(feats.float())
+            return (x0, native, logits) if return_native else (x0, logits)
+        return self.denoiser(x_t, t, cond, return_native=return_native)
+
+
+@dataclass
+class DMD2Config(ObjectiveConfig):
+    name: str = "dmd2"
+    min_t: float = 0.02  # DM-gradient time range (fraction of the teacher's steps), official 0.02..0.98
+    max_t: float = 0.98
+    critic_steps: int = 5  # student updates once every this many critic updates (TTUR; SD1.5: 10)
+    critic_lr_scale: float = 1.0  # critic lr = train.lr * this
+    guidance_scale: Optional[float] = None  # teacher CFG for the DM gradient; None -> teacher.guidance_scale
+    dm_weight: float = 1.0
+    gan_weight: float = 0.0  # generator GAN weight (SDXL: 5e-3); > 0 needs real data (data.images)
+    gan_disc_weight: Optional[float] = None  # discriminator weight; None -> 2 * gan_weight (SDXL: 1e-2)
+    reg_weight: float = 0.0  # regression on cached teacher ODE pairs (DMD: 0.25); 0 disables
+    reg_pairs: int = 1024  # number of cached (noise, teacher ODE sample) pairs
+    reg_ode_steps: int = 50  # teacher DDIM steps used to make the pairs
+    critic_t_min: float = 0.001  # critic denoising time range (all t)
+
+
+@dataclass
+class DMDConfig(DMD2Config):
+    name: str = "dmd"
+    critic_steps: int = 1
+    reg_weight: float = 0.25
+
+
+@register
+class DMD2(Objective):
+    name = "dmd2"
+    Config = DMD2Config
+
+    def __init__(self, config, teacher, student_steps):
+        super().__init__(config, teacher, student_steps)
+        c = config
+        if not 0.0 <= c.min_t < c.max_t <= 1.0:
+            raise ValueError(f"objective.min_t/max_t must satisfy 0 <= min_t < max_t <= 1, got {c.min_t}, {c.max_t}")
+        if c.critic_steps < 1:
+            raise ValueError(f"objective.critic_steps must be >= 1, got {c.critic_steps}")
+        if c.gan_weight < 0 or c.reg_weight < 0:
+            raise ValueError("objective.gan_weight and objective.reg_weight must be >= 0")
+        self.student = teacher.new_network("student")
+        head = GANHead(teacher.feature_channels) if c.gan_weight > 0 else None
+        self.critic = Critic(teacher.new_network("critic"), head)
+        self.guidance = teacher.guidance_scale if c.guidance_scale is None else float(c.guidance_scale)
+        self.disc_weight = 2 * c.gan_weight if c.gan_disc_weight is None else c.gan_disc_weight
+        self.reg: Optional[dict] = None
+
+    # ---- contract -------------------------------------------------------------------------------
+    def networks(self):
+        return {"student": self.student, "critic": self.critic}
+
+    def plan(self, step):
+        if step % self.config.critic_steps == 0:
+            return ["student", "critic"]
+        return ["critic"]
+
+    def wants_real(self, step):
+        return self.config.gan_weight > 0
+
+    def lr_scale(self, group):
+        return self.config.critic_lr_scale if group == "critic" else 1.0
+
+    def setup(self, run_dir, accelerator):
+        if self.config.reg_weight > 0:
+            self.reg = self._regression_pairs(Path(run_dir) / "regression_pairs.safetensors", accelerator)
+
+    # ---- student rollout (backward simulation) --------------------------------------------------
+    def _rollout_input(self, student_plain, batch: Batch, cond: Condition):
+        """Noise, or for a multi-step student a state at a random grid time reached by the student itself.
+
+        Backward simulation (DMD2 Sec. 4.5): run the student ``k`` steps from noise without grad,
+        re-noise its x0 to ``times[k]``, and train there.
+        """
+        x = batch.randn((batch.size, *self.teacher.sample_shape))
+        k = batch.randint(self.steps) if self.steps > 1 else 0
+        if k:
+            with torch.no_grad():
+                for i in range(k):
+                    t = torch.full((batch.size,), self.times[i], device=batch.device)
+                    x0 = student_plain(x, t, cond)
+                    eps = batch.randn(x0.shape)
+                    x = self.teacher.schedule.add_noise(x0, eps, torch.full_like(t, self.times[i + 1]))
+        return x, torch.full((batch.size,), self.times[k], device=batch.device)
+
+    def _noised(self, x0: Tensor, batch: Batch, lo: float, hi: float):
+        t = lo + (hi - lo) * batch.rand(x0.shape[0])
+        eps = batch.randn(x0.shape)
+        return self.teacher.schedule.add_noise(x0, eps, t), t, eps
+
+    # ---- losses ---------------------------------------------------------------------------------
+    def loss(self, group, batch, step, nets):
+        if group == "student":
+            return self._student_loss(batch, nets)
+        if group == "critic":
+            return self._critic_loss(batch, nets)
+        raise KeyError(group)
+
+    def _student_loss(self, batch: Batch, nets) -> LossOutput:
+        c = self.config
+        student, critic = nets["student"], nets["critic"]
+        plain = _plain(student)
+        x_in, t_in = self._rollout_input(plain, batch, batch.cond)
+        cond = batch.cond
+        n_reg = 0
+        if self.reg is not None:  # one forward over [main batch, regression pairs] (one DDP forward per step)
+            idx = torch.randint(len(self.reg["noise"]), (batch.size,), generator=batch.generator)
+            z_ref = self.reg["noise"][idx].to(batch.device)
+            y_ref = self.reg["target"][idx].to(batch.device)
+            x_in = torch.cat([x_in, z_ref])
+            t_in = torch.cat([t_in, torch.full_like(t_in, self.times[0])])
+            cond = Condition.cat([cond, self.reg["cond"][idx].to(batch.device)])
+            n_reg = batch.size
+        out = student(x_in, t_in, cond)
+        x = out[: batch.size]
+        logs = {}
+        xt, t, _ = self._noised(x, batch, c.min_t, c.max_t)
+        with torch.no_grad():
+            real = self.teacher(xt.detach(), t, batch.cond, guidance_scale=self.guidance)
+            fake = _plain(critic)(xt.detach(), t, batch.cond)
+        loss_dm, grad = losses.dm_loss(x, real, fake)
+        total = c.dm_weight * loss_dm
+        logs["loss_dm"] = loss_dm.item()
+        logs["dm_grad_norm"] = grad.flatten(1).norm(dim=1).mean().item()
+        logs["x0_gap_teacher_critic"] = (real - fake).abs().mean().item()
+        if n_reg:
+            loss_reg = F.mse_loss(out[batch.size:].float(), y_ref.float())
+            total = total + c.reg_weight * loss_reg
+            logs["loss_reg_mse"] = loss_reg.item()
+        if c.gan_weight > 0:
+            xg, tg, _ = self._noised(x, batch, c.critic_t_min, 1.0)
+            crit = _plain(critic)
+            with frozen(crit):
+                _, logits = crit(xg, tg, batch.cond, with_logits=True)
+            loss_g = losses.gan_generator_loss(logits)
+            total = total + c.gan_weight * loss_g
+            logs["loss_gan_g"] = loss_g.item()
+            logs["logits_fake_g"] = logits.mean().item()
+        return LossOutput(total, logs)
+
+    def _critic_loss(self, batch: Batch, nets) -> LossOutput:
+        c = self.config
+        student, critic = _plain(nets["student"]), nets["critic"]
+        with torch.no_grad():
+            x_in, t_in = self._rollout_input(student, batch, batch.cond)
+            fake = student(x_in, t_in, batch.cond)
+        xt, t, eps = self._noised(fake, batch, c.critic_t_min, 1.0)
+        pred_kind = _plain(critic).denoiser.prediction
+        target = self.teacher.schedule.target(pred_kind, fake, eps, t)
+        logs = {}
+        if c.gan_weight > 0:
+            if batch.real is None:
+                raise ValueError("objective.gan_weight > 0 needs real samples (set data.images)")
+            real = batch.real[: batch.size]
+            xr, tr, _ = self._noised(real, batch, c.critic_t_min, 1.0)
+            x_all = torch.cat([xt, xr])
+            t_all = torch.cat([t, tr])
+            cond_all = Condition.cat([batch.cond, batch.real_cond[: batch.size]])
+            _, native, logits = critic(x_all, t_all, cond_all, return_native=True, with_logits=True)
+            n = xt.shape[0]
+            loss_dsm = losses.dsm_loss(native[:n], target)
+            loss_d = losses.gan_discriminator_loss(logits[:n], logits[n:])
+            total = loss_dsm + self.disc_weight * loss_d
+            logs.update(loss_gan_d=loss_d.item(), logits_fake=logits[:n].mean().item(),
+                        logits_real=logits[n:].mean().item())
+        else:
+            _, native = critic(xt, t, batch.cond, return_native=True)
+            loss_dsm = losses.dsm_loss(native, target)
+            total = loss_dsm
+        logs["loss_critic_dsm"] = loss_dsm.item()
+        return LossOutput(total, logs)
+
+    # ---- DMD regression pairs -------------------------------------------------------------------
+    def _regression_pairs(self, path: Path, accelerator) -> dict:
+        """(noise, teacher ODE sample, condition) pairs, generated once and cached in the run folder."""
+        from safetensors.torch import load_file, save_file
+
+        if accelerator.is_main_process and not path.exists():
+            g = torch.Generator().manual_seed(1234)
+            c = self.config
+            noises, targets, conds = [], [], []
+            dev = accelerator.device
+            bs = 256
+            for i in range(0, c.reg_pairs, bs):
+                n = min(bs, c.reg_pairs - i)
+                cond = self.teacher.sample_conditions(n, g)
+                z = torch.randn((n, *self.teacher.sample_shape), generator=g)
+                y = ode_sample(self.teacher, z.to(dev), cond.to(dev), c.reg_ode_steps, guidance_scale=self.guidance)
+                noises.append(z)
+                targets.append(y.cpu())
+                conds.append(cond)
+            cond = Condition.cat(conds)
+            tensors = {"noise": torch.cat(noises).contiguous(), "target": torch.cat(targets).contiguous()}
+            for k, v in vars(cond).items():
+                if v is not None:
+                    tensors[f"cond.{k}"] = v.contiguous()
+            tmp = path.with_suffix(".tmp")
+            save_file(tensors, str(tmp))
+            tmp.replace(path)
+        accelerator.wait_for_everyone()
+        d = load_file(str(path))
+        cond = Condition(**{k[5:]: v for k, v in d.items() if k.startswith("cond.")})
+        return {"noise": d["noise"], "target": d["target"], "cond": cond}
+
+
+@register
+class DMD(DMD2):
+    name = "dmd"
+    Config = DMDConfig
+
+
+def _plain(module: nn.Module) -> nn.Module:
+    """The module without a DDP/FSDP wrapper (for frozen use inside another group's loss)."""
+    return getattr(module, "module", module)

@@ -1,0 +1,210 @@
+"""Analytic Gaussian-mixture teacher: the exact posterior mean, for tests and toys.
+
+Data: ``x0 ~ sum_k w_k N(mu_k, std_k^2 I)``, each component a class.  Under ``x_t = a x0 + s eps`` the
+noised mixture is again a mixture, so ``E[x0 | x_t, class]`` is closed-form: a teacher with no
+approximation error, against which a distilled student's distribution can be judged.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..conditions import NULL_CLASS, Condition
+from ..schedules import NoiseSchedule, _bcast, make_schedule
+from .base import Denoiser, Teacher
+
+
+@dataclass
+class Mixture:
+    means: Tensor  # (K, D)
+    stds: Tensor  # (K,) isotropic std per component
+    weights: Tensor  # (K,) sums to 1
+
+    @property
+    def num_classes(self) -> int:
+        return self.means.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    def sample(self, n: int, generator: torch.Generator, labels: Optional[Tensor] = None):
+        """``n`` samples and their component labels (drawn by weight unless ``labels`` is given)."""
+        if labels is None:
+            labels = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        z = torch.randn((n, self.dim), generator=generator, dtype=self.means.dtype)
+        return self.means[labels] + self.stds[labels, None] * z, labels
+
+    def nearest_mode_spacing(self) -> float:
+        d = torch.cdist(self.means, self.means)
+        d.fill_diagonal_(float("inf"))
+        return float(d.min())
+
+    def posterior_mean(self, x_t: Tensor, alpha: Tensor, sigma: Tensor, labels: Optional[Tensor]) -> Tensor:
+        """``E[x0 | x_t]`` (``labels`` None or NULL_CLASS entries: the whole mixture; else that component)."""
+        dt = torch.float64
+        x = x_t.to(dt)
+        a = _bcast(alpha.to(dt), x)[..., None]  # (B, 1, 1)
+        s = _bcast(sigma.to(dt), x)[..., None]
+        mu = self.means.to(x.device, dt)[None]  # (1, K, D)
+        var_x0 = (self.stds.to(x.device, dt) ** 2)[None, :, None]  # (1, K, 1)
+        var = a**2 * var_x0 + s**2  # (B, K, 1)
+        diff = x[:, None, :] - a * mu  # (B, K, D)
+        loglik = -0.5 * (diff**2).sum(-1) / var[..., 0] - 0.5 * self.dim * var[..., 0].log()
+        logits = loglik + self.weights.to(x.device, dt).log()[None]
+        if labels is not None:
+            labels = labels.to(x.device)
+            cond = labels != NULL_CLASS
+            mask = F.one_hot(labels.clamp_min(0), self.num_classes).bool() | ~cond[:, None]
+            logits = logits.masked_fill(~mask, float("-inf"))
+        r = torch.softmax(logits, dim=1)[..., None]  # (B, K, 1)
+        comp_mean = mu + a * var_x0 / var * diff
+        return (r * comp_mean).sum(1).to(x_t.dtype)
+
+    def to_json(self) -> dict:
+        return {"means": self.means.tolist(), "stds": self.stds.tolist(), "weights": self.weights.tolist()}
+
+
+def _ring(k: int, radius: float, std: float) -> Mixture:
+    ang = torch.arange(k, dtype=torch.float64) * 2 * math.pi / k
+    means = torch.stack([radius * ang.cos(), radius * ang.sin()], 1)
+    return Mixture(means, torch.full((k,), std, dtype=torch.float64), torch.full((k,), 1.0 / k, dtype=torch.float64))
+
+
+def _grid(n: int, spacing: float, std: float) -> Mixture:
+    c = (torch.arange(n, dtype=torch.float64) - (n - 1) / 2) * spacing
+    means = torch.cartesian_prod(c, c)
+    k = means.shape[0]
+    return Mixture(means, torch.full((k,), std, dtype=torch.float64), torch.full((k,), 1.0 / k, dtype=torch.float64))
+
+
+BUILTIN = {
+    "ring8": lambda: _ring(8, 2.0, 0.1),  # 8 equal modes on a circle of radius 2
+    "grid9": lambda: _grid(3, 1.5, 0.1),  # 3x3 grid
+    "line4": lambda: Mixture(torch.tensor([[-1.0], [0.0], [1.0], [2.0]], dtype=torch.float64),
+                             torch.full((4,), 0.05, dtype=torch.float64),
+                             torch.full((4,), 0.25, dtype=torch.float64)),  # 1-D data on {-1, 0, 1, 2}
+}
+
+
+def load_mixture(spec: str) -> Mixture:
+    """``NAME`` of a built-in mixture, or a JSON file ``{"means": [[..]..], "stds": [..], "weights": [..]}``."""
+    if spec in BUILTIN:
+        return BUILTIN[spec]()
+    path = Path(spec)
+    if path.suffix != ".json":
+        raise ValueError(f"unknown GMM teacher 'gmm:{spec}'; use one of {sorted(BUILTIN)} or gmm:FILE.json")
+    if not path.is_file():
+        raise FileNotFoundError(f"GMM file not found: {spec}")
+    try:
+        obj = json.loads(path.read_text())
+        means = torch.tensor(obj["means"], dtype=torch.float64)
+        k = means.shape[0]
+        stds = torch.tensor(obj.get("stds", [0.1] * k), dtype=torch.float64)
+        weights = torch.tensor(obj.get("weights", [1.0] * k), dtype=torch.float64)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"malformed GMM file {spec}: {e}; expected {{'means': [[x, y], ...], 'stds': [...], 'weights': [...]}}") from None
+    if means.ndim != 2 or stds.shape != (k,) or weights.shape != (k,):
+        raise ValueError(f"malformed GMM file {spec}: means must be (K, D), stds and weights (K,)")
+    if not torch.all(stds > 0) or not torch.all(weights > 0):
+        raise ValueError(f"malformed GMM file {spec}: stds and weights must be positive")
+    return Mixture(means, stds, weights / weights.sum())
+
+
+class ResidualMLP(nn.Module):
+    """Trainable correction on top of the analytic prediction: ``MLP([x, fourier(t), emb(class)])``.
+
+    The last layer is zero-initialised, so a fresh network equals the teacher exactly ("initialised
+    from the teacher", as DMD's student and critic are).  ``body`` output is the bottleneck feature.
+    """
+
+    def __init__(self, dim: int, num_classes: int, hidden: int = 128, depth: int = 3, n_freq: int = 8):
+        super().__init__()
+        self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(100.0), n_freq)), persistent=False)
+        self.class_emb = nn.Embedding(num_classes + 1, 16)  # last index: null class
+        layers, width = [], dim + 2 * n_freq + 16
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.SiLU()]
+            width = hidden
+        self.body = nn.Sequential(*layers)
+        self.out = nn.Linear(hidden, dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        self.num_classes = num_classes
+
+    def forward(self, x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
+        ang = t[:, None].to(x.dtype) * self.freqs[None].to(x.dtype)
+        lab = torch.where(labels < 0, torch.full_like(labels, self.num_classes), labels)
+        h = torch.cat([x, ang.sin(), ang.cos(), self.class_emb(lab).to(x.dtype)], 1)
+        return self.out(self.body(h))
+
+
+class GMMNet(nn.Module):
+    """The GMM family's network: analytic posterior mean (as native prediction) + optional residual MLP."""
+
+    def __init__(self, mixture: Mixture, residual: Optional[ResidualMLP] = None):
+        super().__init__()
+        self.register_buffer("means", mixture.means.float())
+        self.register_buffer("stds", mixture.stds.float())
+        self.register_buffer("weights", mixture.weights.float())
+        self.residual = residual
+
+    @property
+    def mixture(self) -> Mixture:
+        return Mixture(self.means.double(), self.stds.double(), self.weights.double())
+
+
+class GMMDenoiser(Denoiser):
+    feature_module = "residual.body"
+
+    def __init__(self, net: GMMNet, schedule: NoiseSchedule):
+        super().__init__(net, schedule, "velocity" if schedule.kind == "flow" else "v")
+
+    def net_call(self, x_t: Tensor, t: Tensor, cond: Condition) -> Tensor:
+        labels = cond.class_labels if cond is not None and cond.class_labels is not None else \
+            torch.full((x_t.shape[0],), NULL_CLASS, dtype=torch.long, device=x_t.device)
+        tc = t.clamp(1e-4, 1.0)  # keep eps/v conversions finite at t = 0
+        a, s = self.schedule.alpha(tc), self.schedule.sigma(tc)
+        mix = Mixture(self.net.means, self.net.stds, self.net.weights)
+        x0 = mix.posterior_mean(x_t, a, s, labels)
+        base = self.schedule.convert(x0, "x0", self.prediction, x_t, tc)
+        if self.net.residual is not None:
+            base = base + self.net.residual(x_t, t, labels)
+        return base
+
+
+class GMMTeacher(Teacher):
+    family = "gmm"
+
+    def __init__(self, mixture: Mixture, schedule: str = "vp", guidance_scale: float = 1.0, name: str = "custom"):
+        self.mixture = mixture
+        self.name = name
+        super().__init__(GMMDenoiser(GMMNet(mixture), make_schedule(schedule)), guidance_scale)
+        self.sample_shape = (mixture.dim,)
+        self.feature_channels = 128
+
+    def new_network(self, role: str) -> Denoiser:
+        net = GMMNet(self.mixture, ResidualMLP(self.mixture.dim, self.mixture.num_classes))
+        d = GMMDenoiser(net, self.schedule)
+        d.train()
+        return d
+
+    def sample_conditions(self, n, generator, data=None):
+        labels = torch.multinomial(self.mixture.weights, n, replacement=True, generator=generator)
+        return Condition(class_labels=labels)
+
+    def real_samples(self, n, generator, data=None):
+        x, labels = self.mixture.sample(n, generator)
+        return x.float(), Condition(class_labels=labels)
+
+    def describe(self):
+        d = super().describe()
+        d.update(name=self.name, num_classes=self.mixture.num_classes)
+        return d

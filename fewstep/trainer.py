@@ -1,0 +1,249 @@
+"""The one accelerate trainer.
+
+It owns everything an objective does not: ``accelerate.prepare`` (DDP/FSDP on many processes), one
+AdamW per trainable group, mixed precision, gradient accumulation and clipping, an EMA of the student,
+atomic checkpoints with exact resume, tensorboard, a tqdm bar, sample grids, and a NaN/inf guard.
+
+Randomness: every micro-batch draws all of its noise from a CPU generator seeded by
+``(train.seed, step, group, micro-batch, process)``, so a run is a pure function of its config and
+resume is exact without saving a data-loader position.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .conditions import Condition
+from .objectives.base import Batch
+
+CKPT_PREFIX = "checkpoint-"
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss or gradient became NaN/inf; training stopped before the step was applied."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be read."""
+
+
+def _seed_for(*parts: int) -> int:
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
+    return h
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints (renamed into place, with their state file), oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    cks = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CKPT_PREFIX) and (p / "fewstep_state.json").is_file()]
+    return sorted(cks, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+
+
+class Trainer:
+    def __init__(self, cfg, teacher, objective, data, run_dir, log=print):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+        self.cfg, self.teacher, self.obj, self.data = cfg, teacher, objective, data
+        self.run_dir = Path(run_dir)
+        self.log = log
+        tc = cfg.train
+        self.acc = Accelerator(
+            mixed_precision=tc.mixed_precision,
+            log_with=None if tc.tracker == "none" else tc.tracker,
+            project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+        self.device = self.acc.device
+        teacher.to(self.device)
+        self.names = list(objective.networks().keys())
+        modules = [objective.networks()[n].to(self.device) for n in self.names]
+        optims = []
+        for n, m in zip(self.names, modules):
+            params = [p for p in m.parameters() if p.requires_grad]
+            optims.append(torch.optim.AdamW(params, lr=tc.lr * objective.lr_scale(n),
+                                            betas=(tc.adam_beta1, tc.adam_beta2), weight_decay=tc.weight_decay))
+        prepared = self.acc.prepare(*modules, *optims)
+        self.wrapped = dict(zip(self.names, prepared[: len(self.names)]))
+        self.optims = dict(zip(self.names, prepared[len(self.names):]))
+        self.plain = {n: self.acc.unwrap_model(m) for n, m in self.wrapped.items()}
+        self.ema = None
+        if tc.ema_decay > 0:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.plain["student"].parameters(), decay=tc.ema_decay)
+            self.ema.to(self.device)
+            self.acc.register_for_checkpointing(self.ema)
+        self.step = 0
+        self.history: list[dict] = []
+
+    # ---- batches ------------------------------------------------------------------------------
+    def make_batch(self, step: int, group_idx: int, micro: int) -> Batch:
+        g = torch.Generator().manual_seed(_seed_for(self.cfg.train.seed, step, group_idx, micro, self.acc.process_index))
+        n = self.cfg.train.batch_size
+        cond = self.teacher.sample_conditions(n, g, self.data)
+        real = real_cond = None
+        if self.obj.wants_real(step):
+            got = self.teacher.real_samples(n, g, self.data)
+            if got is None:
+                raise ValueError("this objective needs real samples but the teacher/data provide none (set data.images)")
+            real, real_cond = got[0].to(self.device), got[1].to(self.device)
+        return Batch(size=n, cond=cond.to(self.device), generator=g, device=self.device, real=real, real_cond=real_cond)
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/checkpoint-STEP`` atomically: save into a temp dir, then rename."""
+        root = self.run_dir / "checkpoints"
+        final = root / f"{CKPT_PREFIX}{self.step:07d}"
+        tmp = root / f".tmp-{CKPT_PREFIX}{self.step:07d}"
+        if self.acc.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.acc.wait_for_everyone()
+        self.acc.save_state(str(tmp))
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            with open(tmp / "fewstep_state.json", "w") as f:
+                json.dump({"step": self.step, "objective": self.obj.name}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in list_checkpoints(self.run_dir)[: -max(1, self.cfg.train.keep_checkpoints)]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.acc.wait_for_everyone()
+        return final
+
+    def maybe_resume(self) -> Optional[Path]:
+        if not self.cfg.train.resume:
+            return None
+        cks = list_checkpoints(self.run_dir)
+        if not cks:
+            return None
+        ck = cks[-1]
+        try:
+            state = json.loads((ck / "fewstep_state.json").read_text())
+            self.acc.load_state(str(ck))
+        except Exception as e:  # corrupt or truncated files
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"checkpoint {ck} is unreadable ({msg[:200]}); delete it to resume from an "
+                                  f"earlier one, or set train.resume=false to start over") from None
+        self.step = int(state["step"])
+        return ck
+
+    # ---- training -----------------------------------------------------------------------------
+    def _params_finite(self) -> bool:
+        ok = all(torch.isfinite(p).all() for m in self.plain.values() for p in m.parameters())
+        flag = torch.tensor([0.0 if ok else 1.0], device=self.device)
+        return float(self.acc.reduce(flag, "sum")) == 0
+
+    def _any_process(self, bad: bool) -> bool:
+        flag = torch.tensor([1.0 if bad else 0.0], device=self.device)
+        return float(self.acc.reduce(flag, "sum")) > 0
+
+    def train_step(self) -> dict:
+        tc = self.cfg.train
+        logs: dict = {}
+        for gi, group in enumerate(self.obj.plan(self.step)):
+            module, opt = self.wrapped[group], self.optims[group]
+            nets = {n: (self.wrapped[n] if n == group else self.plain[n]) for n in self.names}
+            opt.zero_grad(set_to_none=True)
+            bad = False
+            for micro in range(tc.grad_accum):
+                batch = self.make_batch(self.step, self.names.index(group), micro)
+                sync = self.acc.no_sync(module) if micro < tc.grad_accum - 1 else nullcontext()
+                with sync, self.acc.autocast():
+                    out = self.obj.loss(group, batch, self.step, nets)
+                if not torch.isfinite(out.loss):
+                    bad = True
+                self.acc.backward(out.loss / tc.grad_accum)
+                for k, v in out.logs.items():
+                    logs[f"{group}/{k}"] = logs.get(f"{group}/{k}", 0.0) + v / tc.grad_accum
+                logs[f"{group}/loss"] = logs.get(f"{group}/loss", 0.0) + out.loss.item() / tc.grad_accum
+            params = [p for p in module.parameters() if p.requires_grad]
+            if tc.max_grad_norm > 0:
+                gnorm = self.acc.clip_grad_norm_(params, tc.max_grad_norm)
+            else:
+                gnorm = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+            gnorm = float(gnorm)
+            logs[f"{group}/grad_norm"] = gnorm
+            if self._any_process(bad or not math.isfinite(gnorm)):
+                raise TrainingDiverged(f"non-finite loss or gradient in group '{group}' at step {self.step}")
+            opt.step()
+            if group == "student" and self.ema is not None:
+                self.ema.step(self.plain["student"].parameters())
+        return logs
+
+    def fit(self, on_sample=None) -> dict:
+        from tqdm.auto import tqdm
+
+        tc = self.cfg.train
+        resumed = self.maybe_resume()
+        if resumed is not None:
+            self.log(f"resumed from {resumed} at step {self.step}")
+        self.obj.setup(self.run_dir, self.acc)
+        if self.acc.is_main_process and tc.tracker != "none":
+            from .config import config_to_dict, flatten
+
+            hp = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                  for k, v in flatten(config_to_dict(self.cfg)).items()}
+            self.acc.init_trackers("fewstep", config=hp)
+        bar = tqdm(total=tc.max_steps, initial=self.step, disable=not self.acc.is_local_main_process,
+                   desc=f"{self.obj.name}", dynamic_ncols=True)
+        t0 = time.time()
+        start = self.step
+        last_good = resumed
+        try:
+            while self.step < tc.max_steps:
+                try:
+                    logs = self.train_step()
+                except TrainingDiverged as e:
+                    where = f"; last good checkpoint: {last_good}" if last_good else "; no checkpoint was written yet"
+                    raise TrainingDiverged(f"{e}{where}") from None
+                self.step += 1
+                if self.step % tc.log_every == 0 or self.step == tc.max_steps:
+                    logs["steps_per_sec"] = (self.step - start) / max(time.time() - t0, 1e-9)
+                    self.acc.log(logs, step=self.step)
+                    self.history.append({"step": self.step, **logs})
+                    short = {k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items() if k.endswith("loss")}
+                    bar.set_postfix(short)
+                bar.update(1)
+                if self.step % tc.checkpoint_every == 0 or self.step == tc.max_steps:
+                    if not self._params_finite():
+                        where = f"; last good checkpoint: {last_good}" if last_good else ""
+                        raise TrainingDiverged(f"non-finite parameters after step {self.step}{where}")
+                    last_good = self.save_checkpoint()
+                if on_sample is not None and tc.sample_every and self.step % tc.sample_every == 0 \
+                        and self.acc.is_main_process:
+                    on_sample(self, self.step)
+        finally:
+            bar.close()
+        self.acc.wait_for_everyone()
+        return {"steps": self.step, "train_seconds": time.time() - t0, "last_checkpoint": str(last_good)}
+
+    def final_student(self) -> nn.Module:
+        """The student to export: EMA weights when EMA is on."""
+        student = self.plain["student"]
+        if self.ema is not None:
+            import copy
+
+            student = copy.deepcopy(student)
+            self.ema.copy_to(student.parameters())
+        return student
+
+    def end(self):
+        self.acc.end_training()
