@@ -15,8 +15,12 @@ import torch
 def _scheduler_from_spec(teacher_scheduler, spec: dict):
     import diffusers
 
+    import inspect
+
     cls = getattr(diffusers, spec["scheduler"])
-    return cls.from_config(teacher_scheduler.config, **spec.get("scheduler_config", {}))
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    base = {k: v for k, v in teacher_scheduler.config.items() if k in accepted}
+    return cls.from_config({**base, **spec.get("scheduler_config", {})})
 
 
 def export_pipeline(teacher, student, objective, out_dir, run_config: dict | None = None) -> Path:

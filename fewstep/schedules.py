@@ -166,10 +166,12 @@ class RectifiedFlow(NoiseSchedule):
         return torch.as_tensor(t) * 1.0
 
     def d_alpha(self, t):
-        return -torch.ones_like(torch.as_tensor(t, dtype=torch.float32))
+        t = torch.as_tensor(t)
+        return -torch.ones_like(t if t.is_floating_point() else t.float())
 
     def d_sigma(self, t):
-        return torch.ones_like(torch.as_tensor(t, dtype=torch.float32))
+        t = torch.as_tensor(t)
+        return torch.ones_like(t if t.is_floating_point() else t.float())
 
     def t_to_timestep(self, t):
         return torch.as_tensor(t) * 1000.0  # diffusers' flow transformers take sigma * 1000

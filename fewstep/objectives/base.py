@@ -105,7 +105,9 @@ class Objective:
 
     def export_spec(self) -> dict:
         """Stock scheduler and recommended call of the exported pipeline."""
-        return {"scheduler": "LCMScheduler", "scheduler_config": {"original_inference_steps": self.steps},
+        # clip_sample/thresholding off: the student was trained (and is validated) without clipping x0
+        return {"scheduler": "LCMScheduler",
+                "scheduler_config": {"original_inference_steps": self.steps, "clip_sample": False, "thresholding": False},
                 "num_inference_steps": self.steps, "guidance_scale": 0.0}
 
 

@@ -192,7 +192,7 @@ def load_diffusers_teacher(path: str, guidance_scale: float = 1.0, dtype: str = 
     if looks_local and not (p / "model_index.json").is_file():
         raise TeacherLoadError(f"teacher path {path} is not a diffusers pipeline folder (no model_index.json)")
     try:
-        pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=DTYPES[dtype], revision=revision, variant=variant)
+        pipe = DiffusionPipeline.from_pretrained(path, dtype=DTYPES[dtype], revision=revision, variant=variant)
     except Exception as e:  # hub errors, offline errors, bad folders: one line for the user
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TeacherLoadError(f"cannot load teacher {path!r}: {msg}") from None

@@ -1,0 +1,34 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_pipelines(tmp_path_factory):
+    """Tiny SD1.5-, SDXL- and DDPM-shaped pipelines saved once per session (built from config, offline)."""
+    from fewstep.testing import save_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {k: save_tiny_pipeline(k, str(root / k)) for k in ("sd15", "sdxl", "ddpm")}
+
+
+@pytest.fixture(scope="session")
+def prompts_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    p.write_text("a photo of a cat\na red dog\nan astronaut riding a horse\nblue flowers in a field\n")
+    return str(p)
+
+
+def run_cli(*args, timeout=600, env=None, cwd=None):
+    """Run ``python -m fewstep ARGS`` in a fresh process; returns CompletedProcess (text)."""
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "fewstep", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=e, cwd=cwd or ROOT)
