@@ -187,7 +187,13 @@ def _sample_pipeline(args, path: Path) -> int:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # overrides given after an option (``distill cfg.yaml --dry-run a.b=1``)
+        if args.cmd in ("distill", "demo") and all("=" in x and not x.startswith("-") for x in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from .config import ConfigError
     from .data import DataError
