@@ -186,7 +186,8 @@ def distill(cfg, log=print) -> dict:
         dump_config(cfg, run_dir / "config.yaml")
     hook = make_sampler_hook(teacher, objective, run_dir)
     fit = trainer.fit(on_sample=hook)
-    metrics: dict = {"objective": objective.name, "student_steps": objective.steps, **fit}
+    metrics: dict = {"objective": objective.name, "student_steps": objective.steps,
+                     "num_processes": trainer.acc.num_processes, **fit}
     if trainer.acc.is_main_process:
         hook(trainer, trainer.step)
         student = trainer.final_student()

@@ -14,8 +14,8 @@ from pathlib import Path
 
 DEMO_OVERRIDES = [
     "teacher.path=gmm:ring8", "teacher.guidance_scale=1", "student.steps=1", "objective.name=dmd2",
-    "objective.critic_steps=5", "train.max_steps=2000", "train.batch_size=256", "train.lr=1e-3",
-    "train.checkpoint_every=1000", "train.log_every=50", "train.seed=0",
+    "objective.critic_steps=5", "train.max_steps=10000", "train.batch_size=256", "train.lr=1e-3",
+    "train.adam_beta1=0", "train.checkpoint_every=2500", "train.log_every=50", "train.seed=0",
 ]
 
 

@@ -207,6 +207,7 @@ class Trainer:
         t0 = time.time()
         start = self.step
         last_good = resumed
+        throttle = float(os.environ.get("FEWSTEP_STEP_SLEEP", "0"))  # testing aid: slow steps down (seconds)
         try:
             while self.step < tc.max_steps:
                 try:
@@ -215,6 +216,8 @@ class Trainer:
                     where = f"; last good checkpoint: {last_good}" if last_good else "; no checkpoint was written yet"
                     raise TrainingDiverged(f"{e}{where}") from None
                 self.step += 1
+                if throttle:
+                    time.sleep(throttle)
                 if self.step % tc.log_every == 0 or self.step == tc.max_steps:
                     logs["steps_per_sec"] = (self.step - start) / max(time.time() - t0, 1e-9)
                     self.acc.log(logs, step=self.step)
