@@ -100,8 +100,6 @@ def cmd_export(args) -> int:
     src = Path(args.run_dir) / "pipeline"
     student = objective.student
     if (src / "unet").is_dir():
-        from diffusers import UNet2DConditionModel, UNet2DModel
-
         cls = type(student.net)
         student.net = cls.from_pretrained(str(src / "unet"))
     else:
@@ -142,8 +140,6 @@ def cmd_sample(args) -> int:
         raise ConfigError(f"--num-samples must be >= 1, got {n}")
     g = torch.Generator().manual_seed(args.seed)
     if args.class_label is None:
-        from .conditions import Condition
-
         cond = teacher.sample_conditions(n, g)
     else:
         from .conditions import Condition

@@ -70,8 +70,9 @@ class Denoiser(nn.Module):
         return out[0] if len(out) == 1 else tuple(out)
 
     def trainable_copy(self) -> "Denoiser":
-        """A deep copy whose network parameters require grad (a student or critic initialised from this)."""
+        """A float32 deep copy whose parameters require grad (a student or critic initialised from this)."""
         new = copy.deepcopy(self)
+        new.net.float()  # float32 master weights; mixed precision is the trainer's autocast
         new.net.requires_grad_(True)
         new.net.train()
         return new

@@ -187,6 +187,11 @@ def load_diffusers_teacher(path: str, guidance_scale: float = 1.0, dtype: str = 
     """``DiffusionPipeline.from_pretrained`` on a hub id or local folder, wrapped as a fewstep teacher."""
     from diffusers import DiffusionPipeline
 
+    if dtype not in DTYPES:
+        raise TeacherLoadError(f"teacher.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype != "float32" and not torch.cuda.is_available():
+        print(f"fewstep: warning: teacher.dtype={dtype} on a CPU is slow or unsupported; loading float32 instead")
+        dtype = "float32"
     p = Path(path)
     looks_local = path.startswith((".", "/", "~")) or p.exists()
     if looks_local and not (p / "model_index.json").is_file():
