@@ -81,6 +81,11 @@ def build(cfg):
             raise ConfigError(f"objective.gan_weight={obj_cfg.gan_weight} needs real images: set data.images to a folder")
         if not Path(cfg.data.images).is_dir():
             raise ConfigError(f"data.images folder not found: {cfg.data.images}")
+    if cfg.student.lora_rank > 0:
+        if not hasattr(teacher, "student_lora"):
+            raise ConfigError(f"student.lora_rank={cfg.student.lora_rank}: LoRA students need a diffusers UNet teacher, "
+                              f"not {cfg.teacher.path}")
+        teacher.student_lora = (cfg.student.lora_rank, cfg.student.lora_alpha or cfg.student.lora_rank)
     torch.manual_seed(cfg.train.seed)  # network initialisation (heads, toy residuals) is part of the config
     try:
         objective = obj_cls(obj_cfg, teacher, cfg.student.steps)

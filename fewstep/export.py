@@ -30,6 +30,18 @@ def export_pipeline(teacher, student, objective, out_dir, run_config: dict | Non
     pipe = teacher.pipe
     scheduler = _scheduler_from_spec(pipe.scheduler, spec)
     unet = getattr(student, "net", student)
+    out.mkdir(parents=True, exist_ok=True)
+    if getattr(unet, "peft_config", None):  # LoRA student: a LoRA file for load_lora_weights, and merged weights
+        import copy
+
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        lora_sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        type(pipe).save_lora_weights(str(out / "lora"), unet_lora_layers=lora_sd, safe_serialization=True)
+        unet = copy.deepcopy(unet)
+        unet.fuse_lora()
+        unet.unload_lora()
     components = dict(pipe.components)
     components["unet"] = unet
     components["scheduler"] = scheduler

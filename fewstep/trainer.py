@@ -84,11 +84,15 @@ class Trainer:
         if tc.ema_decay > 0:
             from diffusers.training_utils import EMAModel
 
-            self.ema = EMAModel(self.plain["student"].parameters(), decay=tc.ema_decay)
+            self.ema = EMAModel(self._trainable(self.plain["student"]), decay=tc.ema_decay)
             self.ema.to(self.device)
             self.acc.register_for_checkpointing(self.ema)
         self.step = 0
         self.history: list[dict] = []
+
+    @staticmethod
+    def _trainable(module: nn.Module) -> list:
+        return [p for p in module.parameters() if p.requires_grad]
 
     # ---- batches ------------------------------------------------------------------------------
     def make_batch(self, step: int, group_idx: int, micro: int) -> Batch:
@@ -185,7 +189,7 @@ class Trainer:
                 raise TrainingDiverged(f"non-finite loss or gradient in group '{group}' at step {self.step}")
             opt.step()
             if group == "student" and self.ema is not None:
-                self.ema.step(self.plain["student"].parameters())
+                self.ema.step(self._trainable(self.plain["student"]))
         return logs
 
     def fit(self, on_sample=None) -> dict:
@@ -245,7 +249,7 @@ class Trainer:
             import copy
 
             student = copy.deepcopy(student)
-            self.ema.copy_to(student.parameters())
+            self.ema.copy_to(self._trainable(student))
         return student
 
     def end(self):

@@ -17,6 +17,7 @@ from ..conditions import NULL_CLASS, Condition, PromptCache
 from ..schedules import VPDiscrete, diffusers_prediction
 from .base import Denoiser, Teacher
 
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections, as in diffusers' LoRA scripts
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -73,6 +74,7 @@ class DiffusersUNetTeacher(Teacher):
         self.pipe = pipe
         self.source = source
         self.prompt_cache = PromptCache(self.encode_prompts)
+        self.student_lora: Optional[tuple] = None  # (rank, alpha): set by api.build from student.lora_rank/alpha
         if getattr(pipe, "text_encoder_2", None) is not None:
             self.family = "sdxl"
         elif getattr(pipe, "text_encoder", None) is not None:
@@ -119,6 +121,18 @@ class DiffusersUNetTeacher(Teacher):
         if self.num_classes:
             return Condition(class_labels=torch.randint(self.num_classes, (n,), generator=generator))
         return Condition()
+
+    def new_network(self, role: str) -> Denoiser:
+        """A float32 trainable copy of the teacher UNet; a LoRA on it for the student when ``student.lora_rank > 0``."""
+        d = self.denoiser.trainable_copy()
+        if role == "student" and self.student_lora:
+            from peft import LoraConfig
+
+            rank, alpha = self.student_lora
+            d.net.requires_grad_(False)
+            d.net.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True,  # B = 0: starts at the teacher
+                                         target_modules=LORA_TARGETS))
+        return d
 
     def conditions_for_prompts(self, prompts: list[str]) -> Condition:
         return self.prompt_cache.get(prompts)
