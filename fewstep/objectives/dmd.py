@@ -93,6 +93,7 @@ class DMD2Config(ObjectiveConfig):
     reg_pairs: int = 1024  # number of cached (noise, teacher ODE sample) pairs
     reg_ode_steps: int = 50  # teacher DDIM steps used to make the pairs
     critic_t_min: float = 0.001  # critic denoising time range (all t)
+    backward_simulation: str = "random"  # multi-step exit: "random" grid step (DMD2) or always the "last"
 
 
 @dataclass
@@ -114,6 +115,8 @@ class DMD2(Objective):
             raise ValueError(f"objective.min_t/max_t must satisfy 0 <= min_t < max_t <= 1, got {c.min_t}, {c.max_t}")
         if c.critic_steps < 1:
             raise ValueError(f"objective.critic_steps must be >= 1, got {c.critic_steps}")
+        if c.backward_simulation not in ("random", "last"):
+            raise ValueError(f"objective.backward_simulation must be 'random' or 'last', got {c.backward_simulation!r}")
         if c.gan_weight < 0 or c.reg_weight < 0:
             raise ValueError("objective.gan_weight and objective.reg_weight must be >= 0")
         self.student = teacher.new_network("student")
@@ -147,10 +150,15 @@ class DMD2(Objective):
         """Noise, or for a multi-step student a state at a random grid time reached by the student itself.
 
         Backward simulation (DMD2 Sec. 4.5): run the student ``k`` steps from noise without grad,
-        re-noise its x0 to ``times[k]``, and train there.
+        re-noise its x0 to ``times[k]``, and train there.  ``k`` is a random grid step (``random``, as in
+        DMD2) or always the last one (``last``).  With ``random`` the critic models the *mixture* of all
+        exits' outputs; on the GMM benchmark a 2-step student then settles where the exits compensate
+        each other (each collapsed, the mixture right), which ``last`` avoids (see README, Benchmarks).
         """
         x = batch.randn((batch.size, *self.teacher.sample_shape))
-        k = batch.randint(self.steps) if self.steps > 1 else 0
+        k = batch.randint(self.steps) if self.steps > 1 else 0  # drawn in both modes: same noise stream
+        if self.config.backward_simulation == "last":
+            k = self.steps - 1
         if k:
             with torch.no_grad():
                 for i in range(k):
