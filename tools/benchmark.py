@@ -24,7 +24,9 @@ SUITE = {
     "dmd2-1step": [],
     "dmd2-1step-critic1": ["objective.critic_steps=1"],
     "dmd2-2step": ["student.steps=2"],
+    "dmd2-2step-last": ["student.steps=2", "objective.backward_simulation=last"],
     "dmd2-4step": ["student.steps=4"],
+    "dmd2-4step-last": ["student.steps=4", "objective.backward_simulation=last"],
     "dmd-1step": ["objective.name=dmd", "objective.critic_steps=1", "objective.reg_pairs=2048",
                   "objective.reg_ode_steps=100"],
 }
