@@ -88,3 +88,22 @@ def test_two_processes_torchrun(tmp_path):
     assert m["num_processes"] == 2
     assert m["eval"]["student"]["modes_covered"] == 8
     assert m["eval"]["student"]["in_mode_frac"] > 0.9
+
+
+@pytest.mark.slow
+def test_dmd2_two_step_exit_modes(tmp_path):
+    """2-step students: 'last' exit reaches the teacher's distribution; 'random' exits settle in a worse state."""
+    last = _distill(tmp_path / "last", "student.steps=2", "objective.backward_simulation=last", "train.max_steps=5000")
+    rand = _distill(tmp_path / "rand", "student.steps=2", "train.max_steps=5000")
+    e_last, e_rand = last["eval"]["student"]["energy_distance"], rand["eval"]["student"]["energy_distance"]
+    assert last["eval"]["student"]["modes_covered"] == 8
+    assert e_last <= 2.0 * last["eval"]["teacher"]["energy_distance"]
+    assert e_last < e_rand
+
+
+@pytest.mark.slow
+def test_ttur_critic_steps_matter(tmp_path):
+    """critic_steps=5 (TTUR) ends closer to the mixture than critic_steps=1 on the same number of steps."""
+    five = _distill(tmp_path / "five")
+    one = _distill(tmp_path / "one", "objective.critic_steps=1")
+    assert five["eval"]["student"]["energy_distance"] < one["eval"]["student"]["energy_distance"]
