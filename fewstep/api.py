@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -71,14 +72,25 @@ def build(cfg):
         raise ConfigError(f"objective.name is required; known objectives: {', '.join(known_objectives())}")
     obj_cls, obj_cfg = build_objective_config(name, obj_values)  # validate before the (slow) teacher load
     teacher = load_teacher(cfg.teacher)
-    data = DataSource(cfg.data.prompts, cfg.data.images)
+    if cfg.data.resolution and hasattr(teacher, "set_resolution"):  # flow transformers (Flux has no fixed size)
+        try:
+            teacher.set_resolution(cfg.data.resolution)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    images = cfg.data.images
+    if obj_cls.data_free and images:  # never hand a data-free objective an image source
+        print(f"fewstep: warning: objective {name!r} is data-free: data.images={images} is unused", file=sys.stderr)
+        images = None
+    data = DataSource(cfg.data.prompts, images)
     if getattr(teacher, "text_conditioned", False) and not cfg.data.prompts and not obj_cls.data_free:
         raise ConfigError(f"teacher {cfg.teacher.path} is text-conditioned: set data.prompts to a text file, one prompt a line")
     if cfg.data.prompts and not Path(cfg.data.prompts).is_file():
         raise ConfigError(f"data.prompts file not found: {cfg.data.prompts}")
-    if getattr(obj_cfg, "gan_weight", 0) > 0 and teacher.family != "gmm":
+    gan = getattr(obj_cfg, "gan_weight", 0) > 0
+    if (gan or obj_cls.needs_real_data) and teacher.family != "gmm":
         if not cfg.data.images:
-            raise ConfigError(f"objective.gan_weight={obj_cfg.gan_weight} needs real images: set data.images to a folder")
+            what = f"objective.gan_weight={obj_cfg.gan_weight}" if gan else f"objective {name!r}"
+            raise ConfigError(f"{what} needs real images: set data.images to a folder")
         if not Path(cfg.data.images).is_dir():
             raise ConfigError(f"data.images folder not found: {cfg.data.images}")
     if cfg.student.lora_rank > 0:
@@ -129,6 +141,9 @@ def evaluate_toy(teacher, objective, student, n: int = 5000, seed: int = 123, od
         "num_samples": n,
     }
     res["energy_ratio"] = res["student"]["energy_distance"] / max(res["teacher"]["energy_distance"], 1e-12)
+    if hasattr(objective, "tracking_errors"):  # flow maps: the jump f(z, d) vs the teacher's ODE from the same noise
+        m = min(n, 2000)
+        res["flow_map_tracking"] = objective.tracking_errors(student, noise[:m].to(dev), cond[:m].to(dev))
     res["_samples"] = {"data": data.float(), "teacher": x_t, "student": x_s}
     return res
 
@@ -144,6 +159,9 @@ def toy_table(res: dict) -> str:
     out = [fmt(rows[0]), "|" + "|".join("-" * (x + 2) for x in w) + "|"] + [fmt(r) for r in rows[1:]]
     out.append(f"student/teacher energy ratio {res['energy_ratio']:.2f}; mean endpoint error vs the teacher ODE "
                f"of the same noise {res['endpoint_error']:.3f} (nearest-mode spacing {res['nearest_mode_spacing']:.2f})")
+    if "flow_map_tracking" in res:
+        out.append("flow map f(z, d) vs the teacher ODE from the same noise, mean error: " + ", ".join(
+            f"d={d}: {e:.4f}" for d, e in res["flow_map_tracking"].items()))
     return "\n".join(out)
 
 

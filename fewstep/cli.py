@@ -1,4 +1,4 @@
-"""``fewstep distill | export | sample | demo``.
+"""``fewstep distill | export | sample | demo | eval``.
 
 Every user-facing failure (bad config, missing files, divergence, corrupt checkpoint) prints one line
 ``fewstep: error: ...`` and exits non-zero, never a traceback.  ``FEWSTEP_DEBUG=1`` shows tracebacks.
@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     m = sub.add_parser("demo", help="distill a built-in 2-D Gaussian mixture into a 1-step DMD2 student")
     m.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     m.add_argument("overrides", nargs="*", help="extra dotted overrides")
+    from .eval.commands import add_eval_parser
+
+    add_eval_parser(sub)  # eval fid | clip | compare
     return p
 
 
@@ -160,11 +163,11 @@ def cmd_sample(args) -> int:
 
 def _sample_pipeline(args, path: Path) -> int:
     import torch
-    from diffusers import DiffusionPipeline
+    from pipelines import load_pipeline
     from torchvision.utils import save_image
 
     info = json.loads((path / "fewstep.json").read_text()) if (path / "fewstep.json").is_file() else {}
-    pipe = DiffusionPipeline.from_pretrained(str(path))
+    pipe = load_pipeline(str(path))  # stock classes, or fewstep's own (pipelines/)
     pipe.set_progress_bar_config(disable=True)
     steps = args.steps or info.get("num_inference_steps", 4)
     n = args.num_samples or 4
@@ -182,6 +185,12 @@ def _sample_pipeline(args, path: Path) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .eval.commands import run
+
+    return run(args)
+
+
 def main(argv=None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
@@ -196,7 +205,8 @@ def main(argv=None) -> int:
     from .teachers.unet import TeacherLoadError
     from .trainer import CheckpointError, TrainingDiverged
 
-    handlers = {"distill": cmd_distill, "export": cmd_export, "sample": cmd_sample, "demo": cmd_demo}
+    handlers = {"distill": cmd_distill, "export": cmd_export, "sample": cmd_sample, "demo": cmd_demo,
+                "eval": cmd_eval}
     try:
         return handlers[args.cmd](args)
     except (ConfigError, DataError, TeacherLoadError, CheckpointError, TrainingDiverged, FileNotFoundError,

@@ -1,8 +1,9 @@
 """Conditions: what a denoiser is conditioned on, batched like a tensor.
 
-A :class:`Condition` holds any of prompt embeddings, pooled embeddings (SDXL), micro-conditioning
-time ids (SDXL), and class labels, together with the matching *null* (unconditional) branch that the
-teacher's own pipeline would use, so ``cond.null()`` is all classifier-free guidance needs.
+A :class:`Condition` holds any of prompt embeddings, pooled embeddings (SDXL, SD3, Flux),
+micro-conditioning time ids (SDXL), class labels, and a flow-map student's jump length, together
+with the matching *null* (unconditional) branch that the teacher's own pipeline would use, so
+``cond.null()`` is all classifier-free guidance needs.
 """
 from __future__ import annotations
 
@@ -24,6 +25,10 @@ class Condition:
     class_labels: Optional[Tensor] = None  # (B,) long; NULL_CLASS for unconditional
     null_prompt_embeds: Optional[Tensor] = None  # the unconditional branch's prompt embeddings
     null_pooled_embeds: Optional[Tensor] = None
+    # (B,) guidance w in LCM's form (w = guidance_scale - 1) for students with a guidance embedding
+    # (diffusers' time_cond_proj_dim); None for teachers and students without one
+    guidance_w: Optional[Tensor] = None
+    jump: Optional[Tensor] = None  # (B,) flow-map jump length d (students with a jump input only)
 
     # ---- batching -----------------------------------------------------------------------------
     def _map(self, fn) -> "Condition":

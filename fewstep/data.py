@@ -20,10 +20,15 @@ class DataError(ValueError):
     """One-line, user-facing data problem."""
 
 
-def read_prompts(path: str) -> list[str]:
+def read_prompts(path: str, one_per_image: bool = False) -> list[str]:
     """Prompts from a ``.txt`` (one a line), ``.jsonl`` / ``.json`` (key ``prompt``, ``caption`` or ``text``; or the
-    COCO captions JSON with an ``annotations`` list) or ``.csv`` (column ``prompt``/``caption``/``text``) file."""
+    COCO captions JSON with an ``annotations`` list) or ``.csv`` (column ``prompt``/``caption``/``text``) file.
+
+    ``one_per_image``: from a COCO captions JSON keep only the first caption of each ``image_id`` (the usual
+    COCO-FID / CLIP-score protocol; COCO has about five captions an image)."""
     p = Path(path)
+    if p.is_dir():
+        raise DataError(f"prompt file {path} is a folder; expected a .txt, .jsonl, .json or .csv file")
     if not p.is_file():
         raise DataError(f"prompt file not found: {path}")
     try:
@@ -50,8 +55,13 @@ def read_prompts(path: str) -> list[str]:
         except json.JSONDecodeError as e:
             raise DataError(f"malformed JSON in {path}: {e.msg} (line {e.lineno})") from None
         items = obj.get("annotations", []) if isinstance(obj, dict) else obj
-        for it in items:
-            val = it if isinstance(it, str) else next((it[k] for k in keys if k in it), None)
+        seen_images = set()
+        for it in items if isinstance(items, list) else []:
+            if one_per_image and isinstance(it, dict) and "image_id" in it:
+                if it["image_id"] in seen_images:
+                    continue
+                seen_images.add(it["image_id"])
+            val = it if isinstance(it, str) else next((it[k] for k in keys if k in it), None) if isinstance(it, dict) else None
             if val is not None:
                 prompts.append(str(val))
     elif p.suffix == ".csv":
@@ -69,7 +79,10 @@ def read_prompts(path: str) -> list[str]:
 
 
 def list_images(folder: str) -> list[Path]:
+    """Image files under ``folder`` (recursively, sorted); a missing, non-folder or image-less path is a DataError."""
     p = Path(folder)
+    if p.is_file():
+        raise DataError(f"{folder} is a file, not an image folder")
     if not p.is_dir():
         raise DataError(f"image folder not found: {folder}")
     files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTS)
@@ -94,6 +107,41 @@ def load_images(files: Sequence[Path], size: int) -> Tensor:
         im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize((size, size), Image.BICUBIC)
         out.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
     return torch.stack(out)
+
+
+def read_image_uint8(f) -> "np.ndarray":
+    """One image file as an RGB uint8 array ``(H, W, 3)``; unreadable files are a DataError."""
+    from PIL import Image, UnidentifiedImageError
+    import numpy as np
+
+    try:
+        with Image.open(f) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DataError(f"unreadable image {f}: {e}") from None
+
+
+def load_images_uint8(files: Sequence[Path], size: Optional[int] = None) -> Tensor:
+    """Images as uint8 ``(N, 3, H, W)``, unchanged; ``size``: center-crop each to a square and resize (bicubic) to
+    ``size`` x ``size``.  Without ``size`` all images must have one size (FID networks resize on their own)."""
+    from PIL import Image
+    import numpy as np
+
+    arrs = []
+    for f in files:
+        a = read_image_uint8(f)
+        if size is not None and a.shape[:2] != (size, size):
+            h, w = a.shape[:2]
+            s = min(h, w)
+            a = a[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+            a = np.asarray(Image.fromarray(a).resize((size, size), Image.BICUBIC))
+        if arrs and a.shape != arrs[0].shape:
+            raise DataError(f"images differ in size ({files[0].name} is {arrs[0].shape[1]}x{arrs[0].shape[0]}, "
+                            f"{Path(f).name} is {a.shape[1]}x{a.shape[0]}); pass a resize (--ref-resize N)")
+        arrs.append(a)
+    if not arrs:
+        return torch.zeros(0, 3, size or 0, size or 0, dtype=torch.uint8)
+    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
 
 
 class DataSource:

@@ -2,7 +2,8 @@
 
 The folder uses the teacher's own pipeline class and a stock scheduler configured so the default call
 ``pipe(prompt, num_inference_steps=K, guidance_scale=0)`` reproduces the training-time sampler, plus a
-model card.  Analytic (GMM) students are saved as ``student.safetensors`` + ``student.json`` instead.
+model card.  Where no stock pipeline can (multi-jump flow maps), ``export_spec()["pipeline_class"]`` names
+a class of ``pipelines/`` (a subclass of the teacher's), and the folder carries its code.  Analytic (GMM) students are saved as ``student.safetensors`` + ``student.json`` instead.
 """
 from __future__ import annotations
 
@@ -21,6 +22,24 @@ def _scheduler_from_spec(teacher_scheduler, spec: dict):
     accepted = set(inspect.signature(cls.__init__).parameters)
     base = {k: v for k, v in teacher_scheduler.config.items() if k in accepted}
     return cls.from_config({**base, **spec.get("scheduler_config", {})})
+
+
+def _pipeline_class(pipe, spec: dict):
+    """The teacher's pipeline class, or the ``pipelines/`` class the objective's export spec names."""
+    name = spec.get("pipeline_class")
+    if not name:
+        return type(pipe)
+    import importlib
+
+    from pipelines import CUSTOM_PIPELINES
+
+    return getattr(importlib.import_module(CUSTOM_PIPELINES[name]), name)
+
+
+def _call_kwargs(teacher) -> dict:
+    """Extra arguments of the recommended call (e.g. Flux's trained resolution)."""
+    fn = getattr(teacher, "call_kwargs", None)
+    return fn() if fn is not None else {}
 
 
 def export_pipeline(teacher, student, objective, out_dir, run_config: dict | None = None) -> Path:
@@ -43,15 +62,21 @@ def export_pipeline(teacher, student, objective, out_dir, run_config: dict | Non
         unet.fuse_lora()
         unet.unload_lora()
     components = dict(pipe.components)
-    components["unet"] = unet
+    components["transformer" if "transformer" in components else "unet"] = unet
     components["scheduler"] = scheduler
-    new = type(pipe)(**components)
+    components.update(objective.export_modules(student))
+    cls = _pipeline_class(pipe, spec)
+    new = cls(**components)
     out.mkdir(parents=True, exist_ok=True)
     new.save_pretrained(str(out), safe_serialization=True)
     (out / "fewstep.json").write_text(json.dumps({
         "objective": objective.name, "student_steps": objective.steps,
         "num_inference_steps": spec["num_inference_steps"], "guidance_scale": spec["guidance_scale"],
-        "teacher": teacher.source, "pipeline_class": type(pipe).__name__, "scheduler": spec["scheduler"],
+        "teacher": teacher.source, "pipeline_class": cls.__name__, "scheduler": spec["scheduler"],
+        "call_kwargs": _call_kwargs(teacher),
+        # fewstep's own pipeline class: pipelines.load_pipeline(folder), or diffusers alone with
+        # DiffusionPipeline.from_pretrained(folder, custom_pipeline=<this>, trust_remote_code=True)
+        "custom_pipeline": spec.get("pipeline_module"),
     }, indent=2))
     (out / "README.md").write_text(model_card(teacher, objective, spec, run_config))
     return out
@@ -61,25 +86,48 @@ def model_card(teacher, objective, spec: dict, run_config: dict | None) -> str:
     import yaml
 
     k, g = spec["num_inference_steps"], spec["guidance_scale"]
-    if teacher.family in ("sd15", "sdxl"):
-        call = f'pipe("a photo of a cat", num_inference_steps={k}, guidance_scale={g})'
+    extra = "".join(f", {a}={b!r}" for a, b in _call_kwargs(teacher).items())
+    if getattr(teacher, "text_conditioned", False):
+        call = f'pipe("a photo of a cat", num_inference_steps={k}, guidance_scale={g}{extra})'
     else:
         call = f"pipe(batch_size=4, num_inference_steps={k})"
+    cls_name = spec.get("pipeline_class") or type(teacher.pipe).__name__
+    usage = getattr(type(teacher.pipe), "model_card_usage", None)  # a pipelines/ class used by the teacher itself
+    if usage is not None and not spec.get("pipeline_class"):
+        load, call = usage(k, g)
+    elif spec.get("pipeline_class"):
+        module = spec["pipeline_module"]
+        load = ["from pipelines import load_pipeline  # ships with fewstep", "",
+                "pipe = load_pipeline(\"PATH_TO_THIS_FOLDER\")",
+                f"# without fewstep: DiffusionPipeline.from_pretrained(PATH, custom_pipeline=\"{module}\", "
+                "trust_remote_code=True)"]
+    else:
+        load = ["from diffusers import DiffusionPipeline", "",
+                "pipe = DiffusionPipeline.from_pretrained(\"PATH_TO_THIS_FOLDER\")"]
     lines = [
         "---", "library_name: diffusers", "tags: [fewstep, distillation, " + objective.name + "]", "---", "",
         f"# {objective.name.upper()} {k}-step student of `{teacher.source}`", "",
         f"Distilled with [fewstep](https://pypi.org/project/fewstep/) objective `{objective.name}` into a "
-        f"{k}-step student. Pipeline class: `{type(teacher.pipe).__name__}`; scheduler: `{spec['scheduler']}` "
+        f"{k}-step student. Pipeline class: `{cls_name}`; scheduler: `{spec['scheduler']}` "
         f"configured with `{spec.get('scheduler_config', {})}`.", "",
-        "## Use", "", "```python", "from diffusers import DiffusionPipeline", "",
-        "pipe = DiffusionPipeline.from_pretrained(\"PATH_TO_THIS_FOLDER\")",
+        "## Use", "", "```python", *load,
         f"image = {call}.images[0]", "```", "",
-        f"Recommended: `num_inference_steps={k}`, `guidance_scale={g}` (guidance is distilled in; "
-        "a higher value would run the teacher-style CFG on the student).", "",
+        f"Recommended: `num_inference_steps={k}`, `guidance_scale={g}`. " + spec.get(
+            "guidance_note", _default_guidance_note(teacher)), "",
     ]
+    if spec.get("scheduler_config", {}).get("stochastic_sampling"):
+        lines += ["The scheduler re-noises between steps (as the student was trained) with torch's global generator "
+                  "(diffusers' flow pipelines do not pass `generator` to it): call `torch.manual_seed(...)` before "
+                  "the pipeline for a reproducible image.", ""]
     if run_config:
         lines += ["## Training config", "", "```yaml", yaml.safe_dump(run_config, sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def _default_guidance_note(teacher) -> str:
+    if getattr(teacher, "embedded_guidance", None) is not None:  # Flux (guidance-distilled)
+        return "guidance_scale is the value of Flux's guidance embedding the student was trained with."
+    return "Guidance is distilled in; a higher value would run the teacher-style CFG on the student."
 
 
 def save_toy_student(student, objective, teacher, out_dir) -> Path:
@@ -93,6 +141,9 @@ def save_toy_student(student, objective, teacher, out_dir) -> Path:
     (out / "student.json").write_text(json.dumps({
         "objective": objective.name, "student_steps": objective.steps, "times": objective.times,
         "teacher": teacher.describe(), "mixture": teacher.mixture.to_json(),
+        "jump": bool(getattr(getattr(student.net, "residual", None), "jump", False)),  # flow-map student
+        # the new_network keywords that rebuild this network (guidance embedding, residual-only, ...)
+        "network": student.net.spec() if hasattr(student.net, "spec") else {},
     }, indent=2))
     return out
 
@@ -100,33 +151,56 @@ def save_toy_student(student, objective, teacher, out_dir) -> Path:
 def load_toy_student(teacher, out_dir):
     from safetensors.torch import load_file
 
-    student = teacher.new_network("student")
+    meta = Path(out_dir) / "student.json"
+    info = json.loads(meta.read_text()) if meta.is_file() else {}
+    kw = dict(info.get("network", {}))
+    if info.get("jump"):
+        kw["jump"] = True
+    student = teacher.new_network("student", **kw)
     sd = load_file(str(Path(out_dir) / "student.safetensors"))
     student.load_state_dict(sd)
     student.eval()
     return student
 
 
-def check_roundtrip(out_dir, objective, teacher, student, cond_prompts=None, seed: int = 0, atol: float = 1e-3) -> float:
-    """Max abs difference between the exported pipeline's default call and the in-training sampler (latents)."""
-    from diffusers import DiffusionPipeline
+def check_roundtrip(out_dir, objective, teacher, student, cond_prompts=None, seed: int = 0, atol: float = 1e-3,
+                    guidance_scale=None) -> float:
+    """Max abs difference between the exported pipeline's default call and the in-training sampler (latents).
 
-    pipe = DiffusionPipeline.from_pretrained(str(out_dir))
+    ``guidance_scale``: call the pipeline with this scale instead of the recommended one and sample the student
+    with the same scale (students with a guidance embedding).
+    """
+    from pipelines import load_pipeline
+
+    pipe = load_pipeline(str(out_dir))
+    pipe.set_progress_bar_config(disable=True)
     spec = objective.export_spec()
     g1 = torch.Generator().manual_seed(seed)
-    if teacher.family in ("sd15", "sdxl"):
+    # diffusers' flow pipelines draw a stochastic scheduler's noise from torch's global generator
+    renoise = spec.get("scheduler_config", {}).get("stochastic_sampling", False)
+    if renoise:
+        torch.manual_seed(seed + 1)
+    if getattr(teacher, "text_conditioned", False):
         prompts = cond_prompts or ["a photo of a cat"]
-        lat = pipe(prompts, num_inference_steps=spec["num_inference_steps"], guidance_scale=spec["guidance_scale"],
-                   generator=g1, output_type="latent").images
+        kw = _call_kwargs(teacher)
+        gs = spec["guidance_scale"] if guidance_scale is None else guidance_scale
+        lat = pipe(prompts, num_inference_steps=spec["num_inference_steps"], guidance_scale=gs,
+                   generator=g1, output_type="latent", **kw).images
+        if lat.ndim == 3:  # Flux returns packed latents
+            lat = type(pipe)._unpack_latents(lat, kw["height"], kw["width"], pipe.vae_scale_factor)
         cond = teacher.conditions_for_prompts(prompts)
     else:
-        lat = pipe(batch_size=1, num_inference_steps=spec["num_inference_steps"], generator=g1, output_type="np").images
-        lat = torch.as_tensor(lat).permute(0, 3, 1, 2) * 2 - 1
         cond = teacher.sample_conditions(1, torch.Generator().manual_seed(0))
+        kw = {"batch_size": 1} if cond.class_labels is None else {"class_labels": cond.class_labels.tolist()}
+        lat = pipe(num_inference_steps=spec["num_inference_steps"], generator=g1, output_type="np", **kw).images
+        lat = torch.as_tensor(lat).permute(0, 3, 1, 2) * 2 - 1
     g2 = torch.Generator().manual_seed(seed)
     noise = torch.randn((len(lat), *teacher.sample_shape), generator=g2)
+    if renoise:
+        g2 = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        ref = objective.sample(student, noise, cond, generator=g2)
-    if teacher.family not in ("sd15", "sdxl"):
+        extra = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+        ref = objective.sample(student, noise, cond, generator=g2, **extra)
+    if not getattr(teacher, "text_conditioned", False):
         ref = ref.clamp(-1, 1)
     return float((torch.as_tensor(lat).float() - ref.float()).abs().max())

@@ -10,12 +10,20 @@ well under a second.
   :func:`tiny_ddpm_components` return ``dict``\\ s of components that can be
   passed as keyword arguments to ``StableDiffusionPipeline``,
   ``StableDiffusionXLPipeline`` and ``DDPMPipeline``.
+- :func:`tiny_sd3_components` and :func:`tiny_flux_components` return the
+  components of a tiny ``StableDiffusion3Pipeline`` (SD3Transformer2DModel, two
+  CLIP encoders with projection, a T5 encoder, FlowMatchEulerDiscreteScheduler
+  with shift 3) and a tiny ``FluxPipeline`` (FluxTransformer2DModel with a
+  guidance embedding, CLIP + T5, dynamic shifting).
 - :func:`save_tiny_pipeline` builds one of those pipelines and saves it with
   ``save_pretrained`` (safetensors) so it can be loaded back with
   ``DiffusionPipeline.from_pretrained(path)``.
 
 Sizes: the UNets work on 16x16 latents/images, the VAE has a scale factor of 2,
-so the Stable Diffusion pipelines produce 32x32 images.
+so the Stable Diffusion pipelines produce 32x32 images.  The SD3 transformer
+works on 16x16 latents (patch 2: 64 tokens); the Flux transformer on packed
+16x16 latents (64 tokens) when called with ``height=width=32`` (its pipeline's
+own default resolution is ``128 * vae_scale_factor``, too large for a CPU).
 """
 
 from __future__ import annotations
@@ -35,10 +43,13 @@ __all__ = [
     "tiny_sd15_components",
     "tiny_sdxl_components",
     "tiny_ddpm_components",
+    "tiny_sd3_components",
+    "tiny_flux_components",
+    "make_t5_tokenizer",
     "save_tiny_pipeline",
 ]
 
-KNOWN_KINDS = ("sd15", "sdxl", "ddpm")
+KNOWN_KINDS = ("sd15", "sdxl", "ddpm", "sd3", "flux")
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -115,6 +126,24 @@ def make_tokenizer(dirpath: str | os.PathLike) -> Any:
     )
 
 
+def make_t5_tokenizer() -> Any:
+    """A tiny Unigram ``T5Tokenizer`` built in memory (no sentencepiece file, no download).
+
+    Pieces: ``<pad>`` (0), ``</s>`` (1), ``<unk>`` (2), the words of the CLIP vocabulary
+    above as whole pieces, and every ASCII letter, digit and punctuation character, so
+    any ASCII prompt tokenizes without unknowns.
+    """
+    from transformers import T5Tokenizer
+
+    # transformers 5: T5Tokenizer is tokenizers-backed and takes the Unigram vocabulary as a
+    # list of (piece, log-prob) pairs; extra_ids=0 drops the 100 sentinel tokens.
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("\u2581" + w, -1.0) for w in _WORDS]
+    pieces += [("\u2581", -2.0)]
+    pieces += [(c, -3.0) for c in string.ascii_letters + string.digits + string.punctuation]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
 def _tokenizer() -> Any:
     with tempfile.TemporaryDirectory(prefix="fewstep-tok-") as d:
         # The tokenizers backend keeps everything in memory, so the folder can go.
@@ -146,11 +175,33 @@ def _text_encoder(tokenizer: Any, seed: int, with_projection: bool) -> Any:
     return cls(config).eval()
 
 
-def _vae(seed: int) -> Any:
+def _t5_encoder(tokenizer: Any, seed: int) -> Any:
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=_TEXT_HIDDEN,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return T5EncoderModel(config).eval()
+
+
+def _vae(seed: int, **extra: Any) -> Any:
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     return AutoencoderKL(
+        **extra,
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
@@ -292,6 +343,91 @@ def tiny_ddpm_components(
     return {"unet": unet, "scheduler": scheduler}
 
 
+def tiny_sd3_components(seed: int = 0, shift: float = 3.0) -> dict[str, Any]:
+    """Components for a tiny ``StableDiffusion3Pipeline`` (32x32 images, FlowMatchEuler with ``shift``).
+
+    Text conditioning follows SD3: the two CLIP encoders' penultimate states (32 + 32) are
+    concatenated, then cut/padded to the T5 width (32) and stacked with the T5 states; the
+    pooled embedding is both CLIP projections (32 + 32 = 64).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=_TEXT_HIDDEN,
+        caption_projection_dim=32,
+        pooled_projection_dim=2 * _SDXL_PROJ_DIM,
+        pos_embed_max_size=16,
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    # SD3's VAE latents are shifted and scaled before the transformer sees them.
+    vae = _vae(seed, scaling_factor=1.5305, shift_factor=0.0609)
+    tokenizer, tokenizer_2 = _tokenizer(), _tokenizer()
+    tokenizer_3 = make_t5_tokenizer()
+    return {
+        "transformer": transformer,
+        "scheduler": scheduler,
+        "vae": vae,
+        "text_encoder": _text_encoder(tokenizer, seed, with_projection=True),
+        "tokenizer": tokenizer,
+        "text_encoder_2": _text_encoder(tokenizer_2, seed + 1, with_projection=True),
+        "tokenizer_2": tokenizer_2,
+        "text_encoder_3": _t5_encoder(tokenizer_3, seed + 2),
+        "tokenizer_3": tokenizer_3,
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
+def tiny_flux_components(seed: int = 0, guidance_embeds: bool = True) -> dict[str, Any]:
+    """Components for a tiny ``FluxPipeline`` (guidance-distilled when ``guidance_embeds``).
+
+    Latents have 4 channels, packed 2x2 into 16-wide tokens; CLIP gives the pooled
+    embedding (32), T5 the token states (32).  Call the pipeline with ``height=width=32``.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=_TEXT_HIDDEN,
+        pooled_projection_dim=_TEXT_HIDDEN,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 4, 8),
+    ).eval()
+    # Flux-dev's scheduler: resolution-dependent ("dynamic") shifting, mu from the token count.
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    vae = _vae(seed, scaling_factor=0.3611, shift_factor=0.1159)
+    tokenizer = _tokenizer()
+    tokenizer_2 = make_t5_tokenizer()
+    return {
+        "transformer": transformer,
+        "scheduler": scheduler,
+        "vae": vae,
+        "text_encoder": _text_encoder(tokenizer, seed, with_projection=False),
+        "tokenizer": tokenizer,
+        "text_encoder_2": _t5_encoder(tokenizer_2, seed + 2),
+        "tokenizer_2": tokenizer_2,
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
 # --------------------------------------------------------------------------- save
 
 
@@ -308,11 +444,19 @@ def _build_pipeline(kind: str, seed: int, **kw: Any) -> Any:
         from diffusers import DDPMPipeline
 
         return DDPMPipeline(**tiny_ddpm_components(seed=seed, **kw))
+    if kind == "sd3":
+        from diffusers import StableDiffusion3Pipeline
+
+        return StableDiffusion3Pipeline(**tiny_sd3_components(seed=seed, **kw))
+    if kind == "flux":
+        from diffusers import FluxPipeline
+
+        return FluxPipeline(**tiny_flux_components(seed=seed, **kw))
     raise ValueError(f"unknown tiny pipeline kind {kind!r}; known kinds: {', '.join(KNOWN_KINDS)}")
 
 
 def save_tiny_pipeline(kind: str, path: str | os.PathLike, seed: int = 0, **kw: Any) -> str:
-    """Build the tiny pipeline ``kind`` ("sd15", "sdxl" or "ddpm") and save it to ``path``.
+    """Build the tiny pipeline ``kind`` ("sd15", "sdxl", "ddpm", "sd3" or "flux") and save it to ``path``.
 
     Extra keyword arguments go to the matching ``tiny_*_components`` builder
     (e.g. ``num_class_embeds=10`` for "ddpm"). Weights are written as

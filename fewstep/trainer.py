@@ -61,6 +61,12 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.log = log
         tc = cfg.train
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            # single process: a fresh accelerate state per run, so a second run in the same process (tests,
+            # notebooks) may use another mixed_precision; accelerate's state is otherwise a process-wide singleton
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state(reset_partial_state=True)
         self.acc = Accelerator(
             mixed_precision=tc.mixed_precision,
             log_with=None if tc.tracker == "none" else tc.tracker,
@@ -87,6 +93,9 @@ class Trainer:
             self.ema = EMAModel(self._trainable(self.plain["student"]), decay=tc.ema_decay)
             self.ema.to(self.device)
             self.acc.register_for_checkpointing(self.ema)
+        for m in objective.state_modules().values():  # objective-owned state (e.g. an EMA target): checkpointed
+            m.to(self.device)
+            self.acc.register_for_checkpointing(m)
         self.step = 0
         self.history: list[dict] = []
 
@@ -190,6 +199,7 @@ class Trainer:
             opt.step()
             if group == "student" and self.ema is not None:
                 self.ema.step(self._trainable(self.plain["student"]))
+            self.obj.after_step(group, self.step)
         return logs
 
     def fit(self, on_sample=None) -> dict:

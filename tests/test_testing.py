@@ -29,8 +29,11 @@ EXPECTED_CLASS = {
     "sd15": "StableDiffusionPipeline",
     "sdxl": "StableDiffusionXLPipeline",
     "ddpm": "DDPMPipeline",
+    "sd3": "StableDiffusion3Pipeline",
+    "flux": "FluxPipeline",
 }
 UNET_WEIGHTS = os.path.join("unet", "diffusion_pytorch_model.safetensors")
+DENOISER = {"sd3": "transformer", "flux": "transformer"}  # the other kinds: "unet"
 
 
 @pytest.fixture(autouse=True)
@@ -93,7 +96,7 @@ def test_save_reload_and_run(saved, kind):
 
     path = saved[kind]
     assert isinstance(path, str)
-    assert os.path.isfile(os.path.join(path, UNET_WEIGHTS))
+    assert os.path.isfile(os.path.join(path, DENOISER.get(kind, "unet"), "diffusion_pytorch_model.safetensors"))
     pipe = DiffusionPipeline.from_pretrained(path)
     assert type(pipe).__name__ == EXPECTED_CLASS[kind]
     assert isinstance(pipe, getattr(diffusers, EXPECTED_CLASS[kind]))
@@ -110,6 +113,7 @@ def test_save_reload_and_run(saved, kind):
             guidance_scale=5.0,
             output_type="np",
             generator=generator,
+            **({"height": 32, "width": 32} if kind == "flux" else {}),  # Flux's default is 128 * vae_scale
         ).images
         assert images.shape == (1, 32, 32, 3)
     assert np.isfinite(images).all()
@@ -173,7 +177,7 @@ def test_ddpm_class_conditional(tmp_path):
 
 def test_unknown_kind_raises(tmp_path):
     with pytest.raises(ValueError) as info:
-        save_tiny_pipeline("sd3", tmp_path)
+        save_tiny_pipeline("sd9", tmp_path)
     msg = str(info.value)
     assert "\n" not in msg
     for kind in KNOWN_KINDS:

@@ -60,6 +60,39 @@ class ObjectiveConfig:
     name: str = ""
 
 
+def vp_only(default, **kw):
+    """A config field that only means something for VP (noise-prediction) teachers.
+
+    Setting it to anything but its default with a flow teacher is a one-line ``ValueError`` at
+    construction, rather than a silently ignored option.
+    """
+    return field(default=default, metadata={"vp_only": True}, **kw)
+
+
+def sampler_for(schedule, steps: int, renoise: bool = True) -> dict:
+    """Stock diffusers scheduler (class name + config) that runs a ``steps``-step student sampler on ``schedule``.
+
+    VP (discrete) teachers: ``LCMScheduler(original_inference_steps=steps)``, which denoises to x0 and
+    re-noises with fresh noise on the grid of :func:`~fewstep.schedules.student_times` (999/749/499/249).
+
+    Flow teachers: ``FlowMatchEulerDiscreteScheduler`` with ``shift=1`` and, for ``steps > 1``,
+    ``shift_terminal=1/steps``, whose ``set_timesteps(steps)`` gives the sigmas ``1, 1 - 1/K, ..., 1/K``
+    (then 0) = ``student_times``, whatever shift the teacher's pipeline uses (FluxPipeline's own sigmas
+    and ``mu`` then change nothing: dynamic shifting is off).  ``renoise=True`` (DMD2/LCM-style: x0, then
+    fresh noise) sets ``stochastic_sampling``; note that diffusers' flow pipelines do not pass their
+    generator to ``scheduler.step``, so that noise comes from torch's global generator (seed it with
+    ``torch.manual_seed`` for a reproducible multi-step call).  ``renoise=False`` is the deterministic
+    Euler step ``x + (sigma_next - sigma) v`` (flow-map jumps).
+    """
+    if schedule.kind != "flow":
+        return {"scheduler": "LCMScheduler",
+                "scheduler_config": {"original_inference_steps": steps, "clip_sample": False, "thresholding": False}}
+    cfg = {"shift": 1.0, "use_dynamic_shifting": False, "shift_terminal": 1.0 / steps if steps > 1 else None,
+           "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+           "invert_sigmas": False, "stochastic_sampling": bool(renoise and steps > 1)}
+    return {"scheduler": "FlowMatchEulerDiscreteScheduler", "scheduler_config": cfg}
+
+
 class Objective:
     """Base class. Subclasses set ``name``, ``Config`` and implement networks / plan / loss."""
 
@@ -67,11 +100,22 @@ class Objective:
     Config: ClassVar[type] = ObjectiveConfig
     needs_real_data: ClassVar[bool] = False  # ask the trainer for a real batch every step
     data_free: ClassVar[bool] = False  # never opens a data source
+    schedules: ClassVar[tuple] = ("vp", "vp_discrete", "flow")  # teacher schedule kinds it supports
 
     def __init__(self, config, teacher, student_steps: int):
         self.config = config
         self.teacher = teacher
         self.steps = int(student_steps)
+        kind = teacher.schedule.kind
+        if kind not in self.schedules:
+            want = "a flow teacher (rectified flow: SD3/Flux, or teacher.schedule=flow)" if self.schedules == ("flow",) \
+                else f"a teacher with schedule {' or '.join(self.schedules)}"
+            raise ValueError(f"objective {self.name!r} needs {want}; teacher {teacher.family!r} has schedule {kind!r}")
+        if kind == "flow":
+            for f in dataclasses.fields(config):
+                if f.metadata.get("vp_only") and getattr(config, f.name) != f.default:
+                    raise ValueError(f"objective.{f.name} applies to VP (noise-prediction) teachers only; "
+                                     f"teacher {teacher.family!r} is a flow teacher: leave it unset")
         self.times = student_times(self.steps, teacher.schedule)
 
     # ---- contract -------------------------------------------------------------------------------
@@ -94,6 +138,15 @@ class Objective:
     def lr_scale(self, group: str) -> float:
         return 1.0
 
+    def state_modules(self) -> dict[str, nn.Module]:
+        """Objective-owned modules that are not trained by an optimizer but are part of the run's state (e.g. a
+        consistency model's EMA target): the trainer moves them to the device and saves/loads them with every
+        checkpoint, so resume is exact.  Default: none."""
+        return {}
+
+    def after_step(self, group: str, step: int) -> None:
+        """Called by the trainer after each optimizer step of ``group`` (e.g. to update an EMA target)."""
+
     def student_module(self, nets: dict) -> nn.Module:
         return nets["student"]
 
@@ -101,14 +154,38 @@ class Objective:
                generator: Optional[torch.Generator] = None) -> Tensor:
         """Few-step sampling with the student on its trained grid (``num_steps`` a divisor-compatible subset)."""
         times = self.times if num_steps in (None, self.steps) else student_times(num_steps, self.teacher.schedule)
-        return few_step_sample(student, noise, cond, times, generator=generator)
+        randn = getattr(self.teacher, "scheduler_randn", None)
+        if randn is None:
+            return few_step_sample(student, noise, cond, times, generator=generator)
+        return _renoise_sample(student, noise, cond, times, generator, randn)
 
     def export_spec(self) -> dict:
-        """Stock scheduler and recommended call of the exported pipeline."""
-        # clip_sample/thresholding off: the student was trained (and is validated) without clipping x0
-        return {"scheduler": "LCMScheduler",
-                "scheduler_config": {"original_inference_steps": self.steps, "clip_sample": False, "thresholding": False},
-                "num_inference_steps": self.steps, "guidance_scale": 0.0}
+        """Stock scheduler and recommended call of the exported pipeline (see :func:`sampler_for`)."""
+        # LCM: clip_sample/thresholding off, the student was trained (and is validated) without clipping x0.
+        # guidance 0 (no CFG in the exported call) except where guidance is a network input (Flux).
+        return {**sampler_for(self.teacher.schedule, self.steps), "num_inference_steps": self.steps,
+                "guidance_scale": getattr(self.teacher, "export_guidance_scale", 0.0)}
+
+    def export_modules(self, student) -> dict:
+        """Pipeline components that differ from the teacher's (default: the student's network, by export)."""
+        return {}
+
+
+@torch.no_grad()
+def _renoise_sample(student, noise: Tensor, cond: Condition, times, generator, randn) -> Tensor:
+    """:func:`~fewstep.sampling.few_step_sample` with the fresh noise drawn by ``randn(shape, generator)``.
+
+    For teachers whose pipeline draws the scheduler's noise in another layout (Flux: packed tokens),
+    so that the exported call reproduces this sampler for the same generator state.
+    """
+    x, x0 = noise, noise
+    for i, ti in enumerate(times):
+        t = torch.full((x.shape[0],), float(ti), device=x.device)
+        x0 = student(x, t, cond)
+        if i + 1 < len(times):
+            eps = randn(tuple(x0.shape), generator).to(x0.device, x0.dtype)
+            x = student.schedule.add_noise(x0, eps, torch.full_like(t, float(times[i + 1])))
+    return x0
 
 
 _REGISTRY: dict[str, type] = {}

@@ -123,13 +123,24 @@ class ResidualMLP(nn.Module):
 
     The last layer is zero-initialised, so a fresh network equals the teacher exactly ("initialised
     from the teacher", as DMD's student and critic are).  ``body`` output is the bottleneck feature.
+    ``jump=True`` adds ``fourier(d)`` of a flow-map student's jump length ``d`` to the input.
+    ``guidance_dim > 0`` adds ``guidance_dim`` Fourier features of a scalar ``w`` (``cond.guidance_w``: the
+    guidance embedding of LCM-style students, or SLAM's gamma); 0, the default, leaves the network as it was.
     """
 
-    def __init__(self, dim: int, num_classes: int, hidden: int = 128, depth: int = 3, n_freq: int = 8):
+    def __init__(self, dim: int, num_classes: int, hidden: int = 128, depth: int = 3, n_freq: int = 8,
+                 jump: bool = False, guidance_dim: int = 0):
         super().__init__()
+        if guidance_dim < 0 or guidance_dim % 2:
+            raise ValueError(f"guidance_dim must be an even number >= 0, got {guidance_dim}")
         self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(100.0), n_freq)), persistent=False)
         self.class_emb = nn.Embedding(num_classes + 1, 16)  # last index: null class
-        layers, width = [], dim + 2 * n_freq + 16
+        self.jump = jump
+        self.guidance_dim = guidance_dim
+        if guidance_dim:  # periods from ~1.5 to ~25: w in [0, ~15] (LCM form) or gamma - 1 in [-1, 0]
+            self.register_buffer("w_freqs", torch.exp(torch.linspace(math.log(0.25), math.log(4.0), guidance_dim // 2)),
+                                 persistent=False)
+        layers, width = [], dim + 2 * n_freq * (2 if jump else 1) + 16 + guidance_dim
         for _ in range(depth):
             layers += [nn.Linear(width, hidden), nn.SiLU()]
             width = hidden
@@ -139,26 +150,53 @@ class ResidualMLP(nn.Module):
         nn.init.zeros_(self.out.bias)
         self.num_classes = num_classes
 
-    def forward(self, x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, labels: Tensor, d: Optional[Tensor] = None,
+                w: Optional[Tensor] = None) -> Tensor:
         ang = t[:, None].to(x.dtype) * self.freqs[None].to(x.dtype)
         lab = torch.where(labels < 0, torch.full_like(labels, self.num_classes), labels)
-        h = torch.cat([x, ang.sin(), ang.cos(), self.class_emb(lab).to(x.dtype)], 1)
-        return self.out(self.body(h))
+        parts = [x, ang.sin(), ang.cos(), self.class_emb(lab).to(x.dtype)]
+        if self.jump:
+            if d is None:
+                raise ValueError("this flow-map student needs a jump length (cond.jump)")
+            dang = d.reshape(-1, 1).to(x.dtype) * self.freqs[None].to(x.dtype)
+            parts += [dang.sin(), dang.cos()]
+        elif d is not None:
+            raise ValueError("this network has no jump input (only flow-map students take cond.jump)")
+        if self.guidance_dim:
+            if w is None:
+                raise ValueError("this network has a guidance embedding: the condition needs guidance_w")
+            wa = w.reshape(-1, 1).to(x.dtype) * self.w_freqs[None].to(x.dtype)
+            parts += [wa.sin(), wa.cos()]
+        elif w is not None:
+            raise ValueError("this network has no guidance embedding (the condition carries guidance_w)")
+        return self.out(self.body(torch.cat(parts, 1)))
 
 
 class GMMNet(nn.Module):
     """The GMM family's network: analytic posterior mean (as native prediction) + optional residual MLP."""
 
-    def __init__(self, mixture: Mixture, residual: Optional[ResidualMLP] = None):
+    def __init__(self, mixture: Mixture, residual: Optional[ResidualMLP] = None, analytic: bool = True):
         super().__init__()
         self.register_buffer("means", mixture.means.float())
         self.register_buffer("stds", mixture.stds.float())
         self.register_buffer("weights", mixture.weights.float())
         self.residual = residual
+        self.analytic = analytic  # False: the residual MLP alone (a plain network, e.g. BOOT's noise -> signal map)
 
     @property
     def mixture(self) -> Mixture:
         return Mixture(self.means.double(), self.stds.double(), self.weights.double())
+
+    def spec(self) -> dict:
+        """Non-default ``GMMTeacher.new_network`` keywords that rebuild this network (saved with toy students)."""
+        out = {}
+        if self.residual is not None and self.residual.jump:
+            out["jump"] = True
+        if self.residual is not None and self.residual.guidance_dim:
+            out["guidance_dim"] = self.residual.guidance_dim
+        if not self.analytic:
+            out["analytic"] = False
+        return out
 
 
 class GMMDenoiser(Denoiser):
@@ -170,18 +208,28 @@ class GMMDenoiser(Denoiser):
     def net_call(self, x_t: Tensor, t: Tensor, cond: Condition) -> Tensor:
         labels = cond.class_labels if cond is not None and cond.class_labels is not None else \
             torch.full((x_t.shape[0],), NULL_CLASS, dtype=torch.long, device=x_t.device)
-        tc = t.clamp(1e-4, 1.0)  # keep eps/v conversions finite at t = 0
-        a, s = self.schedule.alpha(tc), self.schedule.sigma(tc)
-        mix = Mixture(self.net.means, self.net.stds, self.net.weights)
-        x0 = mix.posterior_mean(x_t, a, s, labels)
-        base = self.schedule.convert(x0, "x0", self.prediction, x_t, tc)
+        if getattr(self.net, "analytic", True):
+            tc = t.clamp(1e-4, 1.0)  # keep eps/v conversions finite at t = 0
+            a, s = self.schedule.alpha(tc), self.schedule.sigma(tc)
+            mix = Mixture(self.net.means, self.net.stds, self.net.weights)
+            x0 = mix.posterior_mean(x_t, a, s, labels)
+            base = self.schedule.convert(x0, "x0", self.prediction, x_t, tc)
+        else:
+            base = torch.zeros_like(x_t)
+        jump = cond.jump if cond is not None else None
+        w = cond.guidance_w if cond is not None else None
         if self.net.residual is not None:
-            base = base + self.net.residual(x_t, t, labels)
+            base = base + self.net.residual(x_t, t, labels, jump, w)
+        elif jump is not None:
+            raise ValueError("this network has no jump input (only flow-map students take cond.jump)")
+        elif w is not None:
+            raise ValueError("this network has no guidance embedding (the condition carries guidance_w)")
         return base
 
 
 class GMMTeacher(Teacher):
     family = "gmm"
+    supports_jump = True  # new_network(..., jump=True) gives a flow-map student
 
     def __init__(self, mixture: Mixture, schedule: str = "vp", guidance_scale: float = 1.0, name: str = "custom"):
         self.mixture = mixture
@@ -190,8 +238,14 @@ class GMMTeacher(Teacher):
         self.sample_shape = (mixture.dim,)
         self.feature_channels = 128
 
-    def new_network(self, role: str) -> Denoiser:
-        net = GMMNet(self.mixture, ResidualMLP(self.mixture.dim, self.mixture.num_classes))
+    def new_network(self, role: str, jump: bool = False, guidance_dim: int = 0, analytic: bool = True) -> Denoiser:
+        """Analytic posterior mean + a zero-initialised residual MLP: equal to the teacher at start.
+
+        ``jump``: a flow-map jump-length input; ``guidance_dim``: Fourier features of ``cond.guidance_w``
+        (a guidance embedding); ``analytic=False``: the residual MLP alone (starts at zero).
+        """
+        net = GMMNet(self.mixture, ResidualMLP(self.mixture.dim, self.mixture.num_classes, jump=jump,
+                                               guidance_dim=guidance_dim), analytic=analytic)
         d = GMMDenoiser(net, self.schedule)
         d.train()
         return d

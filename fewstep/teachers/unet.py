@@ -25,6 +25,51 @@ class TeacherLoadError(ValueError):
     """One-line, user-facing problem loading a teacher."""
 
 
+def guidance_embedding(w: Tensor, dim: int) -> Tensor:
+    """``timestep_cond`` for a UNet with ``time_cond_proj_dim``: the sinusoidal embedding of ``w * 1000``.
+
+    ``w`` is LCM's guidance form (``guidance_scale - 1``).  This is the stock pipelines' own function
+    (``StableDiffusion[XL]Pipeline.get_guidance_scale_embedding``, which they call with
+    ``guidance_scale - 1`` whenever ``unet.config.time_cond_proj_dim`` is set), so an exported student
+    sees exactly the embedding it was trained with.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.get_guidance_scale_embedding(None, w.float().reshape(-1), embedding_dim=dim)
+
+
+def add_guidance_embedding(unet, dim: int):
+    """A float32 copy of ``unet`` (UNet2DConditionModel) with ``time_cond_proj_dim=dim`` added.
+
+    Every teacher weight is kept; the new ``time_embedding.cond_proj`` linear is zero-initialised, so the
+    copy computes exactly what the teacher does until it is trained.
+    """
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    if not isinstance(unet, UNet2DConditionModel):
+        raise ValueError(f"a guidance embedding (time_cond_proj_dim) can only be added to a UNet2DConditionModel, "
+                         f"not {type(unet).__name__}")
+    have = unet.config.time_cond_proj_dim
+    if have is not None and have != dim:
+        raise ValueError(f"the teacher UNet already has time_cond_proj_dim={have}; set objective.embedding_dim={have}")
+    state = {k: v.detach().clone().float() for k, v in unet.state_dict().items()}
+    with init_empty_weights():
+        new = UNet2DConditionModel.from_config({**unet.config, "time_cond_proj_dim": dim})
+    missing, unexpected = new.load_state_dict(state, strict=False, assign=True)
+    if unexpected or set(missing) - {"time_embedding.cond_proj.weight", "time_embedding.cond_proj.bias"}:
+        raise RuntimeError(f"cannot add a guidance embedding: unexpected {unexpected[:3]}, missing {missing[:3]}")
+    if have is None:
+        old = new.time_embedding.cond_proj
+        proj = torch.nn.Linear(old.in_features, old.out_features, bias=old.bias is not None)
+        torch.nn.init.zeros_(proj.weight)
+        if proj.bias is not None:
+            torch.nn.init.zeros_(proj.bias)
+        new.time_embedding.cond_proj = proj
+    new.to(device=next(iter(state.values())).device)
+    return new
+
+
 class UNetDenoiser(Denoiser):
     """``UNet2DConditionModel`` (text / SDXL added conditions) or ``UNet2DModel`` (class labels) behind one call."""
 
@@ -48,12 +93,20 @@ class UNetDenoiser(Denoiser):
                 null_idx = net.config.num_class_embeds - 1  # convention: the last class embedding is the null class
                 labels = torch.where(cond.class_labels == NULL_CLASS, torch.full_like(cond.class_labels, null_idx),
                                      cond.class_labels)
+            if cond is not None and cond.guidance_w is not None:
+                raise ValueError("a UNet2DModel takes no guidance embedding (the condition carries guidance_w)")
             return net(x, ts, class_labels=labels).sample
         if cond is None or cond.prompt_embeds is None:
             raise ValueError("this UNet is text-conditioned: the condition needs prompt embeddings")
         kw = {"encoder_hidden_states": cond.prompt_embeds.to(dtype)}
         if self.sdxl:
             kw["added_cond_kwargs"] = {"text_embeds": cond.pooled_embeds.to(dtype), "time_ids": cond.time_ids.to(dtype)}
+        if cond.guidance_w is not None:  # LCM-style guidance embedding, as the stock pipelines compute it
+            dim = getattr(net.config, "time_cond_proj_dim", None)
+            if not dim:
+                raise ValueError("this UNet has no guidance embedding (time_cond_proj_dim) but the condition "
+                                 "carries guidance_w")
+            kw["timestep_cond"] = guidance_embedding(cond.guidance_w, dim).to(device=x_t.device, dtype=dtype)
         return net(x, ts, **kw).sample
 
 
@@ -66,7 +119,7 @@ class DiffusersUNetTeacher(Teacher):
         unet = getattr(pipe, "unet", None)
         if not isinstance(unet, (UNet2DConditionModel, UNet2DModel)):
             raise TeacherLoadError(f"{source}: {type(pipe).__name__} has no UNet2DConditionModel/UNet2DModel 'unet'; "
-                                   "flow transformers are not supported yet")
+                                   "SD3/Flux pipelines load through fewstep.teachers.transformer")
         cfg = pipe.scheduler.config
         schedule = VPDiscrete.from_scheduler_config(cfg)
         prediction = diffusers_prediction(cfg.get("prediction_type", "epsilon"))
@@ -122,8 +175,20 @@ class DiffusersUNetTeacher(Teacher):
             return Condition(class_labels=torch.randint(self.num_classes, (n,), generator=generator))
         return Condition()
 
-    def new_network(self, role: str) -> Denoiser:
-        """A float32 trainable copy of the teacher UNet; a LoRA on it for the student when ``student.lora_rank > 0``."""
+    def new_network(self, role: str, guidance_dim: int = 0) -> Denoiser:
+        """A float32 trainable copy of the teacher UNet; a LoRA on it for the student when ``student.lora_rank > 0``.
+
+        ``guidance_dim > 0``: the copy gets a zero-initialised guidance embedding (``time_cond_proj_dim``),
+        fed from ``cond.guidance_w`` (full-copy students of a UNet2DConditionModel only).
+        """
+        if guidance_dim:
+            if role == "student" and self.student_lora:
+                raise ValueError("a LoRA student cannot get a guidance embedding (time_cond_proj_dim is a new layer)")
+            d = UNetDenoiser(add_guidance_embedding(self.denoiser.net, guidance_dim), self.schedule,
+                             self.denoiser.prediction)
+            d.net.requires_grad_(True)
+            d.net.train()
+            return d
         d = self.denoiser.trainable_copy()
         if role == "student" and self.student_lora:
             from peft import LoraConfig
@@ -164,14 +229,18 @@ class DiffusersUNetTeacher(Teacher):
         return torch.cat(out)
 
     def real_samples(self, n, generator, data=None):
-        """Real latents for the GAN term: ``data.images`` encoded once with the VAE and cached."""
+        """Real latents (GAN term, consistency distillation): ``data.images`` encoded once with the VAE and cached.
+
+        Captions come from ``captions.jsonl`` / ``metadata.jsonl`` (``{"file_name": ..., "text": ...}``) or
+        ``captions.txt`` (``FILE<TAB>caption`` a line) in the image folder, else from the file names.
+        """
         if not hasattr(self, "_real"):
             from ..data import load_images
 
             files = data.image_files()
             imgs = load_images(files, self.image_size)
             self._real = self.encode_images(imgs)
-            self._real_prompts = [Path(f).stem.replace("_", " ") for f in files]
+            self._real_prompts = image_captions(data.images_path, files)
         idx = torch.randint(len(self._real), (n,), generator=generator)
         x = self._real[idx]
         if self.text_conditioned:
@@ -196,10 +265,47 @@ class DiffusersUNetTeacher(Teacher):
         return d
 
 
+def image_captions(folder, files) -> list[str]:
+    """A caption per image file: from a captions file in ``folder`` where it names the file, else the file stem."""
+    import json
+
+    from ..data import DataError
+
+    root = Path(folder)
+    table: dict[str, str] = {}
+    for name in ("captions.jsonl", "metadata.jsonl"):
+        f = root / name
+        if f.is_file():
+            for i, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                    key = obj.get("file_name", obj.get("file"))
+                    text = next(obj[k] for k in ("text", "caption", "prompt") if k in obj)
+                except (json.JSONDecodeError, AttributeError, StopIteration):
+                    raise DataError(f"line {i} of {f}: expected {{\"file_name\": ..., \"text\": ...}}") from None
+                table[str(key)] = str(text)
+    f = root / "captions.txt"
+    if f.is_file():
+        for i, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                if "\t" not in line:
+                    raise DataError(f"line {i} of {f}: expected FILE<TAB>caption")
+                key, text = line.split("\t", 1)
+                table[key.strip()] = text.strip()
+    out = []
+    for fp in files:
+        fp = Path(fp)
+        rel = fp.relative_to(root).as_posix() if fp.is_relative_to(root) else fp.name
+        out.append(table.get(rel, table.get(fp.name, fp.stem.replace("_", " "))))
+    return out
+
+
 def load_diffusers_teacher(path: str, guidance_scale: float = 1.0, dtype: str = "float32",
                            revision: Optional[str] = None, variant: Optional[str] = None) -> Teacher:
     """``DiffusionPipeline.from_pretrained`` on a hub id or local folder, wrapped as a fewstep teacher."""
-    from diffusers import DiffusionPipeline
+    from pipelines import load_pipeline
 
     if dtype not in DTYPES:
         raise TeacherLoadError(f"teacher.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -211,14 +317,18 @@ def load_diffusers_teacher(path: str, guidance_scale: float = 1.0, dtype: str = 
     if looks_local and not (p / "model_index.json").is_file():
         raise TeacherLoadError(f"teacher path {path} is not a diffusers pipeline folder (no model_index.json)")
     try:
-        pipe = DiffusionPipeline.from_pretrained(path, dtype=DTYPES[dtype], revision=revision, variant=variant)
+        pipe = load_pipeline(path, dtype=DTYPES[dtype], revision=revision, variant=variant)  # + pipelines/ classes
     except Exception as e:  # hub errors, offline errors, bad folders: one line for the user
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TeacherLoadError(f"cannot load teacher {path!r}: {msg}") from None
     pipe.set_progress_bar_config(disable=True)
-    for name in ("unet", "text_encoder", "text_encoder_2", "vae", "transformer"):
+    for name in ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "vae", "transformer"):
         m = getattr(pipe, name, None)
         if m is not None:
             m.requires_grad_(False)
             m.eval()
+    if getattr(pipe, "transformer", None) is not None:  # flow transformers (SD3, Flux): their own adapter
+        from .transformer import DiffusersTransformerTeacher
+
+        return DiffusersTransformerTeacher(pipe, guidance_scale, source=path)
     return DiffusersUNetTeacher(pipe, guidance_scale, source=path)

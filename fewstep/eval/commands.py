@@ -1,0 +1,233 @@
+"""``fewstep eval fid | clip | compare``: argument definitions and handlers (imported lazily by fewstep.cli).
+
+Errors are raised as one-line ConfigError / DataError / ValueError; ``fewstep.cli.main`` prints them.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DEFAULT_FID_IMAGES = 5000
+
+
+def add_eval_parser(sub) -> argparse.ArgumentParser:
+    ev = sub.add_parser("eval", help="FID / CLIP score of a pipeline or image folder; teacher-vs-student tables")
+    es = ev.add_subparsers(dest="eval_cmd", required=True)
+
+    f = es.add_parser("fid", help="FID of a pipeline's images (or an image folder) against a reference")
+    src = f.add_mutually_exclusive_group()
+    src.add_argument("--pipeline", help="diffusers pipeline folder (or hub id) to generate images with")
+    src.add_argument("--images", help="score an existing folder of images instead")
+    f.add_argument("--ref", help="reference: a folder of images or a .npz statistics file")
+    _generation_args(f, default_n=None, n_help="images to generate (default 5000) or, with --images, to score (default all)")
+    _fid_args(f)
+    f.add_argument("--save-ref-stats", default=None, metavar="FILE.npz",
+                   help="write the reference statistics (when --ref is a folder) for reuse")
+    f.add_argument("--save-stats", default=None, metavar="FILE.npz", help="write the scored set's statistics")
+    f.add_argument("--json", default=None, help="result JSON (default OUT/fid.json when generating)")
+
+    c = es.add_parser("clip", help="CLIP score of a pipeline's images (or an image folder) against their prompts")
+    src = c.add_mutually_exclusive_group()
+    src.add_argument("--pipeline", help="diffusers pipeline folder (or hub id)")
+    src.add_argument("--images", help="score a folder written by `fewstep eval` (prompts from its manifest.json), "
+                                      "or any folder whose sorted images match --prompts line by line")
+    c.add_argument("--clip", help="CLIP model: hub id (e.g. openai/clip-vit-large-patch14) or local folder")
+    _generation_args(c, default_n=None)
+    c.add_argument("--json", default=None, help="result JSON (default OUT/clip.json when generating)")
+
+    m = es.add_parser("compare", help="teacher at 1..50 steps vs students: metric vs NFE (JSON, Markdown, PNG)")
+    m.add_argument("--teacher", help="teacher pipeline folder")
+    m.add_argument("--student", action="append", default=[], help="student pipeline folder (repeatable)")
+    m.add_argument("--teacher-steps", default="1,2,4,8,16,32,50", help="comma-separated (default 1,2,4,8,16,32,50)")
+    m.add_argument("--teacher-guidance", type=float, default=None, help="teacher CFG scale (default: recommended)")
+    m.add_argument("--ref", help="FID reference: image folder or .npz statistics")
+    m.add_argument("--clip", default=None, help="also report CLIP score with this CLIP model")
+    _generation_args(m, default_n=1000, steps=False)
+    _fid_args(m)
+    return ev
+
+
+def _generation_args(p, default_n, steps: bool = True, n_help: str = "") -> None:
+    p.add_argument("--prompts", default=None, help="prompt file: .txt one a line, COCO captions .json, .jsonl or .csv")
+    p.add_argument("--num-images", type=int, default=default_n,
+                   help=n_help or f"images to generate/score (default {default_n if default_n else 'one per prompt'})")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED + i (recorded in manifest.json)")
+    if steps:
+        p.add_argument("--steps", type=int, default=None, help="override the recommended num_inference_steps")
+        p.add_argument("--guidance-scale", type=float, default=None, help="override the recommended guidance_scale")
+    p.add_argument("--out", default=None, help="folder for the generated images / outputs")
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _fid_args(p) -> None:
+    p.add_argument("--feature-extractor", default=None, metavar="PATH",
+                   help="local TorchScript / safetensors feature network (offline) instead of the standard Inception")
+    p.add_argument("--backend", default="clean-fid", choices=["clean-fid", "torchmetrics"],
+                   help="Frechet distance (and default Inception) from clean-fid or torchmetrics")
+    p.add_argument("--ref-resize", type=int, default=None, metavar="N",
+                   help="center-crop and resize reference images to N x N (photos of mixed sizes)")
+
+
+# ---- handlers -------------------------------------------------------------------------------------
+def run(args) -> int:
+    return {"fid": cmd_fid, "clip": cmd_clip, "compare": cmd_compare}[args.eval_cmd](args)
+
+
+def _device(args) -> str:
+    from .generate import default_device
+
+    return args.device or default_device()
+
+
+def _prompts(path, required: bool):
+    from ..data import read_prompts
+
+    if path is None:
+        if required:
+            from ..config import ConfigError
+
+            raise ConfigError("--prompts FILE is required (one caption a line, or a COCO captions JSON)")
+        return None
+    return read_prompts(path, one_per_image=True)
+
+
+def _generate(args, default_out: str, n=None):
+    """Generate with the pipeline's recommended settings (overridable); returns the Generated set and out folder."""
+    from .generate import generate, open_pipeline, pipeline_kind, recommended
+
+    pipe = open_pipeline(args.pipeline, _device(args))
+    kind = pipeline_kind(pipe)
+    prompts = _prompts(args.prompts, required=kind == "text")
+    rec = recommended(args.pipeline)
+    steps = args.steps or rec["num_inference_steps"]
+    guidance = args.guidance_scale if args.guidance_scale is not None else rec["guidance_scale"]
+    out = Path(args.out or Path("runs") / "eval" / f"{Path(args.pipeline).name or 'pipeline'}-{default_out}")
+    n = n or args.num_images or DEFAULT_FID_IMAGES
+    gen = generate(pipe, n, prompts=prompts, num_inference_steps=steps, guidance_scale=guidance,
+                   batch_size=args.batch_size, seed=args.seed, out_dir=str(out), progress=not args.quiet)
+    return gen, out
+
+
+def _write(result: dict, path) -> None:
+    from .fid import write_json
+
+    if path:
+        write_json(result, path)
+        print(f"wrote {path}")
+
+
+def cmd_fid(args) -> int:
+    from ..data import DataError
+    from .features import load_feature_extractor
+    from .fid import fid, reference
+
+    if not args.ref:
+        raise DataError("--ref is required: a folder of reference images or a .npz statistics file")
+    ext = load_feature_extractor(args.feature_extractor, args.backend, _device(args))
+    if not args.pipeline and not args.images:
+        if not args.save_ref_stats:
+            raise DataError("nothing to score: pass --pipeline DIR or --images DIR (or --save-ref-stats FILE.npz "
+                            "to only precompute the reference statistics)")
+        _, stats = reference(args.ref, ext, resize=args.ref_resize, save_stats=args.save_ref_stats,
+                             progress=not args.quiet)
+        print(f"wrote reference statistics of {stats.num_images} images ({ext.name}) to {args.save_ref_stats}")
+        return 0
+    json_path = args.json
+    extra = {}
+    if args.pipeline:
+        gen, out = _generate(args, "fid")
+        images = gen.images
+        json_path = json_path or str(out / "fid.json")
+        extra = {"pipeline": args.pipeline, "images_dir": str(out), "generation": gen.settings,
+                 "sec_per_image": gen.sec_per_image, "seeds": f"{args.seed}..{args.seed + len(images) - 1}"}
+    else:
+        images = args.images
+        extra = {"images": args.images}
+    limit = None if args.pipeline else args.num_images
+    result = fid(images, args.ref, ext, args.backend, limit=limit, ref_resize=args.ref_resize,
+                 save_ref_stats=args.save_ref_stats, save_stats=args.save_stats, progress=not args.quiet)
+    result.update(extra)
+    print(f"FID {result['fid']:.4f}  ({result['num_images']} images vs {result['num_ref_images']} reference; "
+          f"features: {result['feature_extractor']}; backend: {result['backend']})")
+    if "note" in result:
+        print(f"note: {result['note']}")
+    _write(result, json_path)
+    return 0
+
+
+def cmd_clip(args) -> int:
+    from ..data import DataError, list_images, load_images_uint8
+    from .clip import CLIPScorer
+    from .generate import read_manifest
+
+    if not args.clip:
+        raise DataError("--clip is required: a CLIP model hub id (e.g. openai/clip-vit-large-patch14) or a local folder")
+    scorer = CLIPScorer(args.clip, _device(args))  # load first: a bad model fails before any generation
+    json_path = args.json
+    if args.pipeline:
+        prompts = _prompts(args.prompts, required=True)
+        gen, out = _generate(args, "clip", n=args.num_images or len(prompts))
+        images, prompts = gen.images, gen.prompts
+        if prompts is None:
+            raise DataError(f"{args.pipeline} is not a text-to-image pipeline: CLIP score needs prompts")
+        json_path = json_path or str(out / "clip.json")
+        extra = {"pipeline": args.pipeline, "images_dir": str(out), "generation": gen.settings}
+    elif args.images:
+        files = list_images(args.images)
+        manifest = read_manifest(args.images)
+        if manifest and all("prompt" in r and "file" in r for r in manifest["images"]):
+            recs = manifest["images"]
+            files = [Path(args.images) / r["file"] for r in recs]
+            prompts = [r["prompt"] for r in recs]
+        else:
+            prompts = _prompts(args.prompts, required=True)
+            if len(prompts) < len(files):
+                raise DataError(f"{args.images} has {len(files)} images but {args.prompts} only {len(prompts)} prompts")
+            prompts = prompts[:len(files)]
+        if args.num_images:
+            files, prompts = files[:args.num_images], prompts[:args.num_images]
+        images = load_images_uint8(files)
+        extra = {"images": args.images}
+    else:
+        raise DataError("nothing to score: pass --pipeline DIR or --images DIR")
+    result = {**scorer(images, prompts), **extra}
+    print(f"CLIP score {result['clip_score']:.4f}  ({result['num_images']} images; model {args.clip})")
+    _write(result, json_path)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from ..config import ConfigError
+    from ..data import DataError
+    from .compare import MetricSuite, compare, markdown
+
+    if not args.teacher:
+        raise ConfigError("--teacher DIR is required")
+    if not args.ref and not args.clip:
+        raise DataError("no metric: pass --ref (FID reference folder or .npz) and/or --clip MODEL")
+    try:
+        steps = [int(s) for s in args.teacher_steps.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--teacher-steps must be comma-separated integers, got {args.teacher_steps!r}") from None
+    if not steps or min(steps) < 1:
+        raise ConfigError(f"--teacher-steps must be positive integers, got {args.teacher_steps!r}")
+    dev = _device(args)
+    suite = MetricSuite(backend=args.backend)
+    if args.ref:
+        from .features import load_feature_extractor
+
+        suite.extractor = load_feature_extractor(args.feature_extractor, args.backend, dev)
+        suite.ref = args.ref
+    if args.clip:
+        from .clip import CLIPScorer
+
+        suite.clip = CLIPScorer(args.clip, dev)
+    prompts = _prompts(args.prompts, required=False)
+    out = args.out or "runs/compare"
+    res = compare(args.teacher, args.student, suite, args.num_images, steps, args.teacher_guidance, prompts,
+                  args.seed, args.batch_size, dev, out, progress=not args.quiet)
+    print(markdown(res))
+    print(f"wrote {out}/compare.json, compare.md, compare.png")
+    return 0

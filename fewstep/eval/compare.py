@@ -1,0 +1,208 @@
+"""Quality vs cost: a teacher at 1..50 steps and students at their own steps, on the same seeds, one table.
+
+Every row generates the same ``num_images`` (image ``i`` from seed ``seed + i``, same prompt or class),
+then scores them with one :class:`MetricSuite` (FID against a reference, class accuracy when the
+feature network is a classifier and the pipeline class-conditional, CLIP score when a CLIP model is
+given).  NFE counts network evaluations per image (x2 per step under classifier-free guidance).
+Outputs ``compare.json``, ``compare.md`` and ``compare.png`` (metric vs NFE, log-x).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from .generate import Generated, generate, open_pipeline, pipeline_kind, recommended
+
+DEFAULT_TEACHER_STEPS = (1, 2, 4, 8, 16, 32, 50)
+
+
+@dataclass
+class MetricSuite:
+    """What every row is scored with; unset parts are skipped."""
+
+    extractor: object = None  # FeatureExtractor for FID (and class accuracy when it is a classifier)
+    ref: Optional[str] = None  # reference folder or .npz
+    backend: str = "clean-fid"
+    clip: object = None  # CLIPScorer
+    fid_name: str = "fid"  # key of the FID column (e.g. "digits_fid")
+    _ref_cache: dict = field(default_factory=dict)
+
+    def __call__(self, gen: Generated) -> dict:
+        from .fid import fid
+
+        out = {}
+        if self.extractor is not None and self.ref:
+            r = fid(gen.images, self.ref, self.extractor, self.backend, progress=False, ref_cache=self._ref_cache)
+            out[self.fid_name] = r["fid"]
+            out["feature_extractor"] = r["feature_extractor"]
+        if self.extractor is not None and gen.labels is not None and getattr(self.extractor, "num_classes", 0):
+            from .digits import class_accuracy
+
+            out["class_accuracy"] = class_accuracy(self.extractor, gen.images, gen.labels)
+        if self.clip is not None and gen.prompts:
+            out["clip_score"] = self.clip(gen.images, gen.prompts)["clip_score"]
+        return out
+
+
+def _effective_guidance(pipe, guidance: Optional[float]) -> Optional[float]:
+    if guidance is not None:
+        return float(guidance)
+    p = inspect.signature(pipe.__call__).parameters.get("guidance_scale")
+    return None if p is None or p.default is inspect.Parameter.empty else float(p.default)
+
+
+def nfe(steps: int, guidance: Optional[float], kind: str) -> int:
+    """Network evaluations per image: one per step, two under CFG (guidance > 1 on a conditional pipeline)."""
+    return steps * (2 if kind != "uncond" and guidance is not None and guidance > 1 else 1)
+
+
+def _row(name: str, path: str, pipe, steps: int, guidance, suite: MetricSuite, num_images: int, common: dict,
+         log: Callable) -> dict:
+    kind = pipeline_kind(pipe)
+    g = _effective_guidance(pipe, guidance) if kind != "uncond" else None
+    gen = generate(pipe, num_images, num_inference_steps=steps, guidance_scale=guidance, desc=f"{name} {steps} steps",
+                   **common)
+    row = {"model": name, "path": str(path), "steps": steps, "nfe": nfe(steps, g, kind), "guidance_scale": g,
+           "scheduler": type(pipe.scheduler).__name__, "sec_per_image": gen.sec_per_image, **suite(gen)}
+    log(format_row(row))
+    return row
+
+
+def format_row(row: dict) -> str:
+    parts = [f"{row['model']:>10} {row['steps']:>3} steps (NFE {row['nfe']:>3})"]
+    for k in ("digits_fid", "fid", "class_accuracy", "clip_score"):
+        if k in row:
+            parts.append(f"{k} {row[k]:.4g}")
+    parts.append(f"{row['sec_per_image'] * 1000:.2f} ms/image")
+    return "  ".join(parts)
+
+
+def speedups(rows: list, metric: str, lower_is_better: bool = True) -> list:
+    """Per student: the cheapest teacher row at least as good, and the measured time ratio to it."""
+    teacher = sorted((r for r in rows if r["model"] == "teacher"), key=lambda r: r["nfe"])
+    out = []
+    for s in (r for r in rows if r["model"] != "teacher"):
+        if metric not in s or not teacher:
+            continue
+        good = [t for t in teacher if (t[metric] <= s[metric] if lower_is_better else t[metric] >= s[metric])]
+        entry = {"student": s["model"], "student_steps": s["steps"], "metric": metric, "student_value": s[metric]}
+        if good:
+            t = good[0]
+            entry.update(teacher_steps=t["steps"], teacher_value=t[metric], teacher_at_least_as_good=True,
+                         speedup=t["sec_per_image"] / max(s["sec_per_image"], 1e-12), nfe_ratio=t["nfe"] / s["nfe"])
+        else:  # the student beats every teacher row: compare with the teacher's best (most steps)
+            t = teacher[-1]
+            entry.update(teacher_steps=t["steps"], teacher_value=t[metric], teacher_at_least_as_good=False,
+                         speedup=t["sec_per_image"] / max(s["sec_per_image"], 1e-12), nfe_ratio=t["nfe"] / s["nfe"])
+        out.append(entry)
+    return out
+
+
+def compare(teacher: str, students: Sequence[str], suite: MetricSuite, num_images: int = 1000,
+            teacher_steps: Sequence[int] = DEFAULT_TEACHER_STEPS, teacher_guidance: Optional[float] = None,
+            prompts: Optional[Sequence[str]] = None, seed: int = 0, batch_size: int = 64, device: str = "cpu",
+            out_dir: Optional[str] = None, student_names: Optional[Sequence[str]] = None,
+            log: Callable = print, progress: bool = True) -> dict:
+    """Rows for the teacher at each of ``teacher_steps`` and each student at its recommended call."""
+    common = {"prompts": prompts, "batch_size": batch_size, "seed": seed, "progress": progress}
+    t0 = time.perf_counter()
+    rows = []
+    tpipe = open_pipeline(teacher, device)
+    tg = teacher_guidance if teacher_guidance is not None else recommended(teacher)["guidance_scale"]
+    for k in teacher_steps:
+        rows.append(_row("teacher", teacher, tpipe, int(k), tg, suite, num_images, common, log))
+    del tpipe
+    names = list(student_names or [])
+    for i, path in enumerate(students):
+        rec = recommended(path)
+        name = names[i] if i < len(names) else (f"{rec['objective'] or 'student'}-{rec['num_inference_steps']}step")
+        spipe = open_pipeline(path, device)
+        rows.append(_row(name, path, spipe, rec["num_inference_steps"], rec["guidance_scale"], suite, num_images,
+                         common, log))
+        del spipe
+    metric = main_metric(rows)
+    result = {"teacher": str(teacher), "students": [str(s) for s in students], "num_images": num_images, "seed": seed,
+              "batch_size": batch_size, "device": device, "fid_backend": suite.backend, "rows": rows,
+              "main_metric": metric, "speedups": speedups(rows, metric, metric != "clip_score") if metric else [],
+              "seconds": time.perf_counter() - t0}
+    if out_dir:
+        write_outputs(result, out_dir)
+    return result
+
+
+def main_metric(rows: list) -> Optional[str]:
+    for k in ("digits_fid", "fid", "clip_score", "class_accuracy"):
+        if rows and all(k in r for r in rows):
+            return k
+    return None
+
+
+def markdown(result: dict) -> str:
+    rows = result["rows"]
+    cols = [("model", "model", str), ("steps", "steps", str), ("nfe", "NFE", str)]
+    labels = {"digits_fid": "digits-FID", "fid": "FID", "class_accuracy": "class acc.", "clip_score": "CLIP score"}
+    for k in ("digits_fid", "fid", "class_accuracy", "clip_score"):
+        if any(k in r for r in rows):
+            cols.append((k, labels[k], lambda v: f"{v:.4f}" if isinstance(v, float) else "-"))
+    cols.append(("sec_per_image", "ms / image", lambda v: f"{v * 1000:.2f}"))
+    head = "| " + " | ".join(c[1] for c in cols) + " |"
+    lines = [head, "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r[k]) if k in r else "-" for k, _, fmt in cols) + " |")
+    for s in result.get("speedups", []):
+        m = labels.get(s["metric"], s["metric"])
+        if s["teacher_at_least_as_good"]:
+            lines.append(f"\n{s['student']}: {s['speedup']:.1f}x faster per image (measured) than the teacher at "
+                         f"{s['teacher_steps']} steps, the fewest steps at which the teacher is at least as good "
+                         f"({m} {s['teacher_value']:.4f} vs {s['student_value']:.4f}).")
+        else:
+            lines.append(f"\n{s['student']}: better {m} than the teacher at any step count tried "
+                         f"({s['student_value']:.4f} vs {s['teacher_value']:.4f} at {s['teacher_steps']} steps) and "
+                         f"{s['speedup']:.1f}x faster per image (measured).")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path) -> Optional[Path]:
+    """Main metric vs NFE (log-x): the teacher as a line, each student as a labelled marker."""
+    metric = result.get("main_metric")
+    if not metric:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = {"digits_fid": "digits-FID (lower is better)", "fid": "FID (lower is better)",
+              "class_accuracy": "class accuracy", "clip_score": "CLIP score (higher is better)"}
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    t = sorted((r for r in result["rows"] if r["model"] == "teacher"), key=lambda r: r["nfe"])
+    if t:
+        ax.plot([r["nfe"] for r in t], [r[metric] for r in t], "o-", color="0.3", label="teacher")
+    markers = "s^Dv<>p*"
+    for i, r in enumerate(r for r in result["rows"] if r["model"] != "teacher"):
+        ax.plot([r["nfe"]], [r[metric]], markers[i % len(markers)], ms=9, label=f"{r['model']} ({r['steps']} step)")
+    ax.set_xscale("log")
+    ax.set_xlabel("network evaluations per image (NFE)")
+    ax.set_ylabel(labels.get(metric, metric))
+    if metric.endswith("fid"):
+        ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    p = Path(path)
+    fig.savefig(p)
+    plt.close(fig)
+    return p
+
+
+def write_outputs(result: dict, out_dir) -> dict:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / "compare.md").write_text(markdown(result))
+    png = plot(result, out / "compare.png")
+    return {"json": str(out / "compare.json"), "markdown": str(out / "compare.md"), "plot": str(png) if png else None}

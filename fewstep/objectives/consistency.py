@@ -1,0 +1,373 @@
+"""Consistency distillation, LCM style (Luo et al. 2023, arXiv 2310.04378), and SLAM (Xu et al. 2024, arXiv 2404.13903).
+
+Student: the consistency function ``f(x, t, w) = c_skip(t) x + c_out(t) D(x, t, w)``, where ``D`` is the
+student network's x0-prediction (a copy of the teacher, so it keeps the teacher's native prediction)
+and ``c_skip``/``c_out`` are LCM's boundary scalings on the discrete timestep ``tau`` (x 10):
+``c_skip = 0.25 / ((10 tau)^2 + 0.25)``, ``c_out = 10 tau / sqrt((10 tau)^2 + 0.25)``.  fewstep's ``t = 0``
+(data) maps to ``tau = 0``, so ``f(x, 0) = x`` exactly; a discrete teacher's timestep ``k`` (``t = (k+1)/N``)
+maps to ``tau = k``, which is what diffusers' ``LCMScheduler.step`` applies to the exported UNet's x0.
+Flow teachers need no scalings: their x0 ``x - t v`` already equals ``x`` at ``t = 0``.
+
+One training step (LCM's Algorithm, consistency distillation with a skipping-step DDIM solver):
+
+1. real ``x0`` (``data.images`` latents, or mixture samples), ``t_{n+k} = j k / N`` on the grid of the
+   ``N / k``-step DDIM solver (``k = objective.skip``), ``x_{n+k} = a x0 + s eps``;
+2. ``w ~ U[w_min, w_max]`` (LCM's form: guidance ``(1 + w) cond - w uncond``, i.e. diffusers' scale ``1 + w``);
+3. one teacher DDIM step with that guidance from ``t_{n+k}`` to ``t_n = t_{n+k} - k / N``: ``x_hat_n``;
+4. loss ``d(f_theta(x_{n+k}, t_{n+k}, w), sg f_target(x_hat_n, t_n, w))``, ``d`` pseudo-Huber (LCM's
+   element-wise ``sqrt(diff^2 + c^2) - c``) or L2; the target network is an EMA of the student (decay
+   ``target_ema``, 0.95 in LCM), updated after every student step and saved with checkpoints.
+
+``w`` enters the student through a guidance embedding, diffusers' ``time_cond_proj_dim`` (added to the
+copied teacher UNet, zero-initialised), so one student serves every scale in the trained range: the
+exported pipeline's ``guidance_scale`` ``s`` means what it means in diffusers, and the stock pipelines
+feed ``w = s - 1`` to that embedding with no CFG pass.  Without an embedding
+(``objective.guidance_embedding=false``, e.g. LoRA students) the student is trained at the fixed
+``objective.guidance_scale`` and exported with ``guidance_scale=1`` (guidance distilled in).
+
+SLAM (``objective.name=slam``) is the sub-path variant: the student's input is a point on the straight
+line between ``x_{n+k}`` and the rescaled solver estimate, ``z = gamma x_{n+k} + (1 - gamma) (a_{n+k}/a_n)
+x_hat_n`` with ``gamma ~ U[gamma_min, gamma_max]``, and ``gamma`` takes the embedding slot (as
+``gamma - 1``, so that a stock pipeline's ``guidance_scale=1`` selects ``gamma = 1``); the target stays
+``f_target(x_hat_n, t_n, gamma = 1)``.  ``gamma = 1`` is exactly LCM.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..conditions import Condition
+from ..sampling import few_step_sample
+from ..schedules import _bcast, student_times
+from .base import Batch, LossOutput, Objective, ObjectiveConfig, register, sampler_for
+
+SIGMA_DATA = 0.5  # LCM's c_skip/c_out use sigma_data = 0.5
+
+
+def grid_size(schedule) -> int:
+    """Number of steps ``N`` of the teacher's training grid (1000 for continuous-time teachers)."""
+    return int(getattr(schedule, "num_train_timesteps", None) or 1000)
+
+
+def lcm_tau(t: Tensor, schedule) -> Tensor:
+    """LCM's boundary-condition time: the discrete timestep ``t N - 1`` (0 at and below the first step), ``1000 t`` for
+    continuous VP teachers; 0 exactly at ``t = 0``."""
+    n = getattr(schedule, "num_train_timesteps", None)
+    t = torch.as_tensor(t, dtype=torch.float64)
+    if n:
+        return (t * n - 1).clamp_min(0)
+    return t * 1000.0
+
+
+def lcm_scalings(t: Tensor, schedule, timestep_scaling: float = 10.0) -> tuple[Tensor, Tensor]:
+    """``(c_skip, c_out)`` of LCM at fewstep time ``t``: ``c_skip(0) = 1``, ``c_out(0) = 0`` (flow teachers: 0, 1)."""
+    t = torch.as_tensor(t)
+    if schedule.kind == "flow":
+        return torch.zeros_like(t, dtype=torch.float32), torch.ones_like(t, dtype=torch.float32)
+    s = lcm_tau(t, schedule) * timestep_scaling
+    c_skip = SIGMA_DATA**2 / (s**2 + SIGMA_DATA**2)
+    c_out = s / (s**2 + SIGMA_DATA**2).sqrt()
+    return c_skip.float(), c_out.float()
+
+
+def lcm_grid_times(steps: int, grid: int) -> list[float]:
+    """The ``steps`` sampling times that ``LCMScheduler(original_inference_steps=grid)`` picks, as fewstep ``t``.
+
+    The solver grid is ``t_j = j / grid`` (timesteps ``j N / grid - 1``); the scheduler takes ``floor(i grid /
+    steps)``-th entries from the top: 999/759/499/259 for 4 of 50.
+    """
+    if not 1 <= steps <= grid:
+        raise ValueError(f"a consistency student on a {grid}-step solver grid samples with 1 to {grid} steps, got {steps}")
+    return [(grid - (i * grid) // steps) / grid for i in range(steps)]
+
+
+@dataclass
+class ConsistencyConfig(ObjectiveConfig):
+    name: str = "consistency"
+    skip: int = 20  # skipping-step DDIM solver: k teacher timesteps per step (LCM: 20 of 1000, a 50-step grid)
+    w_min: float = 3.0  # guidance range, LCM's form w = guidance_scale - 1 (LCM-SDXL: 3..15)
+    w_max: float = 15.0
+    guidance_scale: Optional[float] = None  # diffusers scale used for samples/eval and recommended at export;
+    #                                         None: teacher.guidance_scale (must lie in [1 + w_min, 1 + w_max])
+    guidance_embedding: bool = True  # w through time_cond_proj_dim; false: distil the fixed guidance_scale above
+    embedding_dim: int = 256  # time_cond_proj_dim added to the student (LCM: 256; GMM toys: 16 Fourier features)
+    loss: str = "huber"  # "huber" (pseudo-Huber, LCM's) or "l2"
+    huber_c: float = 1.0e-3  # pseudo-Huber c (LCM: 0.001)
+    target_ema: float = 0.95  # EMA decay of the target network (LCM: 0.95); 0: the online student, no grad
+    timestep_scaling: float = 10.0  # LCM boundary scalings on timestep x this (LCMScheduler's timestep_scaling)
+
+
+@dataclass
+class SLAMConfig(ConsistencyConfig):
+    name: str = "slam"
+    gamma_min: float = 0.0  # sub-path position gamma ~ U[gamma_min, gamma_max]; gamma = 1 is LCM
+    gamma_max: float = 1.0
+    guidance_embedding: bool = False  # the embedding slot carries gamma; guidance is the fixed guidance_scale
+
+
+class _ConsistencyFunction:
+    """``f(x, t) = c_skip x + c_out D(x, t)`` as a denoiser for :func:`few_step_sample`."""
+
+    def __init__(self, obj: "Consistency", net):
+        self.obj, self.net = obj, net
+        self.schedule = obj.teacher.schedule
+
+    def __call__(self, x, t, cond, guidance_scale=None):
+        return self.obj.consistency(self.net, x, t, cond)
+
+
+@register
+class Consistency(Objective):
+    """LCM-style consistency distillation (Luo et al. 2023, Algorithm 1 with a skipping-step DDIM solver)."""
+
+    name = "consistency"
+    Config = ConsistencyConfig
+    needs_real_data = True
+
+    def __init__(self, config, teacher, student_steps):
+        super().__init__(config, teacher, student_steps)
+        c = config
+        n = grid_size(teacher.schedule)
+        if c.skip < 1 or n % c.skip:
+            raise ValueError(f"objective.skip={c.skip} must divide the teacher's {n} timesteps "
+                             f"(LCM uses 20: a {n // 20}-step DDIM solver grid)")
+        self.grid = n // c.skip  # solver steps from t = 1 to t = 0
+        if c.w_min > c.w_max:
+            raise ValueError(f"objective.w_min={c.w_min} > objective.w_max={c.w_max}: the guidance range is empty")
+        if c.loss not in ("huber", "l2"):
+            raise ValueError(f"objective.loss must be 'huber' or 'l2', got {c.loss!r}")
+        if c.huber_c <= 0:
+            raise ValueError(f"objective.huber_c must be > 0, got {c.huber_c}")
+        if not 0.0 <= c.target_ema < 1.0:
+            raise ValueError(f"objective.target_ema must be in [0, 1), got {c.target_ema}")
+        if c.timestep_scaling <= 0:
+            raise ValueError(f"objective.timestep_scaling must be > 0, got {c.timestep_scaling}")
+        if c.embedding_dim < 2 or c.embedding_dim % 2:
+            raise ValueError(f"objective.embedding_dim must be an even number >= 2, got {c.embedding_dim}")
+        self.guidance = float(teacher.guidance_scale if c.guidance_scale is None else c.guidance_scale)
+        self._check_guidance()
+        self.times = self.grid_times(self.steps)
+        self.student = self._new_student()
+        self.target = None
+        if c.target_ema > 0:
+            self.target = copy.deepcopy(self.student)
+            self.target.requires_grad_(False)
+            self.target.eval()
+
+    # ---- configuration --------------------------------------------------------------------------
+    @property
+    def embeds(self) -> bool:
+        """Whether the student's embedding slot carries a value (w for consistency, gamma for SLAM)."""
+        return bool(self.config.guidance_embedding)
+
+    def _check_guidance(self):
+        c = self.config
+        if c.guidance_embedding and not c.w_min <= self.guidance - 1 <= c.w_max:
+            where = "objective.guidance_scale" if c.guidance_scale is not None else "teacher.guidance_scale"
+            raise ValueError(f"{where}={self.guidance:g} (w = {self.guidance - 1:g}) lies outside the trained guidance "
+                             f"range objective.w_min..w_max = {c.w_min:g}..{c.w_max:g}; set objective.guidance_scale "
+                             f"inside [{1 + c.w_min:g}, {1 + c.w_max:g}] or widen the range")
+
+    slot_request = "objective.guidance_embedding=true"  # the setting that asks for the embedding slot
+    slot_off = "objective.guidance_embedding=false to distil the fixed objective.guidance_scale"
+
+    def _new_student(self):
+        """A copy of the teacher, with a zero-initialised guidance embedding when the slot is used."""
+        if not self.embeds:
+            return self.teacher.new_network("student")
+        params = inspect.signature(self.teacher.new_network).parameters
+        if "guidance_dim" not in params:
+            raise ValueError(f"{self.slot_request} needs a guidance embedding, which {self.teacher.family} teachers "
+                             f"cannot take; set {self.slot_off}")
+        try:
+            return self.teacher.new_network("student", guidance_dim=self.config.embedding_dim)
+        except ValueError as e:
+            raise ValueError(f"{self.slot_request} needs a guidance embedding (time_cond_proj_dim), which the teacher "
+                             f"UNet lacks and fewstep adds only to a full copy of a UNet2DConditionModel ({e}); set "
+                             f"student.lora_rank=0 to enable it, or {self.slot_off}") from None
+
+    def grid_times(self, steps: int) -> list[float]:
+        if self.teacher.schedule.kind == "flow":
+            return student_times(steps, self.teacher.schedule)
+        return lcm_grid_times(steps, self.grid)
+
+    # ---- contract -------------------------------------------------------------------------------
+    def networks(self):
+        return {"student": self.student}
+
+    def plan(self, step):
+        return ["student"]
+
+    def state_modules(self):
+        return {"consistency_target": self.target} if self.target is not None else {}
+
+    @torch.no_grad()
+    def after_step(self, group, step):
+        """EMA update of the target network after each student step (LCM: decay 0.95)."""
+        if group != "student" or self.target is None:
+            return
+        d = self.config.target_ema
+        for pt, ps in zip(self.target.parameters(), self.student.parameters()):
+            pt.lerp_(ps.detach().to(pt.dtype), 1.0 - d)
+
+    # ---- the consistency function -----------------------------------------------------------------
+    def consistency(self, net, x: Tensor, t: Tensor, cond: Condition) -> Tensor:
+        """``f(x, t) = c_skip(t) x + c_out(t) D(x, t)``; ``f(x, 0) = x`` exactly."""
+        t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        c_skip, c_out = lcm_scalings(t, self.teacher.schedule, self.config.timestep_scaling)
+        c_skip, c_out = c_skip.to(x.device), c_out.to(x.device)
+        x0 = net(x, t, cond)
+        out = _bcast(c_skip, x) * x + _bcast(c_out, x) * x0
+        return torch.where(_bcast(c_out, x) == 0, x, out)  # exact boundary, whatever D returns at t = 0
+
+    def with_slot(self, cond: Condition, value: Optional[Tensor]) -> Condition:
+        """``cond`` with the embedding slot set (or left empty for students without one)."""
+        if not self.embeds:
+            return cond
+        return dataclasses.replace(cond, guidance_w=value)
+
+    def slot_for_sampling(self, n: int, device, guidance_scale: Optional[float] = None) -> Optional[Tensor]:
+        s = self.guidance if guidance_scale is None else float(guidance_scale)
+        return torch.full((n,), s - 1.0, device=device)  # the stock pipelines feed guidance_scale - 1
+
+    @torch.no_grad()
+    def sample(self, student, noise, cond, num_steps=None, generator=None, guidance_scale=None):
+        """LCM multistep sampling: ``f`` at the scheduler's grid times, fresh noise in between (as LCMScheduler)."""
+        times = self.times if num_steps in (None, self.steps) else self.grid_times(num_steps)
+        cond = self.with_slot(cond, self.slot_for_sampling(len(noise), noise.device, guidance_scale))
+        return few_step_sample(_ConsistencyFunction(self, student), noise, cond, times, generator=generator)
+
+    # ---- training -------------------------------------------------------------------------------
+    def _teacher_x0(self, x: Tensor, t: Tensor, cond: Condition, s: Tensor) -> Tensor:
+        """Teacher x0 with per-sample CFG ``uncond + s (cond - uncond)`` (x0 is affine in the native prediction,
+        so this equals CFG in the teacher's native space)."""
+        if bool((s == 1).all()):
+            return self.teacher(x, t, cond)
+        both = self.teacher(torch.cat([x, x]), torch.cat([t, t]), Condition.cat([cond, cond.null()]))
+        xc, xu = both.chunk(2)
+        return xu + _bcast(s.to(xc.dtype), xc) * (xc - xu)
+
+    def _draw_w(self, batch: Batch, n: int) -> Tensor:
+        c = self.config
+        if not c.guidance_embedding:
+            return torch.full((n,), self.guidance - 1.0, device=batch.device)
+        return c.w_min + (c.w_max - c.w_min) * batch.rand(n)
+
+    def student_input(self, x_hi, x_lo, t_hi, t_lo, cond, w, batch):
+        """(input, condition) of the online student and condition of the target; SLAM overrides this."""
+        cw = self.with_slot(cond, w)
+        return x_hi, cw, cw
+
+    def distance(self, a: Tensor, b: Tensor) -> Tensor:
+        if self.config.loss == "l2":
+            return F.mse_loss(a.float(), b.float())
+        c = self.config.huber_c  # LCM's pseudo-Huber, element-wise
+        return (torch.sqrt((a.float() - b.float()) ** 2 + c * c) - c).mean()
+
+    def loss(self, group, batch, step, nets):
+        if group != "student":
+            raise KeyError(group)
+        if batch.real is None:
+            raise ValueError(f"objective {self.name} needs real samples (set data.images to a folder of images)")
+        sched = self.teacher.schedule
+        x0, cond = batch.real[: batch.size], batch.real_cond[: batch.size]
+        n = x0.shape[0]
+        j = torch.randint(1, self.grid + 1, (n,), generator=batch.generator).to(batch.device)
+        t_hi = j.float() / self.grid
+        t_lo = (j - 1).float() / self.grid
+        eps = batch.randn(x0.shape)
+        x_hi = sched.add_noise(x0, eps, t_hi)
+        w = self._draw_w(batch, n)
+        with torch.no_grad():  # one guided teacher DDIM step t_{n+k} -> t_n
+            x0_teacher = self._teacher_x0(x_hi, t_hi, cond, 1.0 + w)
+            x_lo = sched.ddim_step(x0_teacher, x_hi, t_hi, t_lo)
+        z, cond_student, cond_target = self.student_input(x_hi, x_lo, t_hi, t_lo, cond, w, batch)
+        pred = self.consistency(nets["student"], z, t_hi, cond_student)
+        with torch.no_grad():
+            target_net = self.target if self.target is not None else _plain(nets["student"])
+            target = self.consistency(target_net, x_lo, t_lo, cond_target)
+        loss = self.distance(pred, target)
+        logs = {f"loss_{self.name}": loss.item(), "target_gap": (pred.detach() - target).abs().mean().item()}
+        return LossOutput(loss, logs)
+
+    # ---- export ---------------------------------------------------------------------------------
+    def export_spec(self):
+        c = self.config
+        sched = self.teacher.schedule
+        if sched.kind == "flow":
+            spec = sampler_for(sched, self.steps, renoise=True)
+        else:  # LCMScheduler on the solver grid, with the boundary scalings used in training
+            spec = {"scheduler": "LCMScheduler",
+                    "scheduler_config": {"original_inference_steps": self.grid, "timestep_scaling": c.timestep_scaling,
+                                         "clip_sample": False, "thresholding": False}}
+        spec.update(num_inference_steps=self.steps, **self._export_guidance())
+        return spec
+
+    def _export_guidance(self) -> dict:
+        c = self.config
+        if c.guidance_embedding:
+            return {"guidance_scale": self.guidance,
+                    "guidance_note": f"`guidance_scale` is diffusers' scale s: the student embeds w = s - 1 "
+                                     f"(`time_cond_proj_dim`) and was trained for s in [{1 + c.w_min:g}, "
+                                     f"{1 + c.w_max:g}]; any s in that range works, with one UNet call per step "
+                                     f"(no CFG pass)."}
+        return {"guidance_scale": 1.0,
+                "guidance_note": f"The teacher's guidance (s = {self.guidance:g}) is distilled in: keep "
+                                 f"`guidance_scale=1` (a value > 1 would run CFG on the student)."}
+
+
+@register
+class SLAM(Consistency):
+    """SLAM (Xu et al. 2024): consistency on sub-path linear points, ``gamma`` in the embedding slot."""
+
+    name = "slam"
+    Config = SLAMConfig
+    slot_request = "objective slam with gamma_min < gamma_max"
+    slot_off = "objective.gamma_min=objective.gamma_max=1 (plain LCM, no gamma embedding)"
+
+    def __init__(self, config, teacher, student_steps):
+        if config.guidance_embedding:
+            raise ValueError("objective slam uses the embedding slot for gamma: its guidance is the fixed "
+                             "objective.guidance_scale; leave objective.guidance_embedding=false")
+        if not 0.0 <= config.gamma_min <= config.gamma_max <= 1.0:
+            raise ValueError(f"objective.gamma_min/gamma_max must satisfy 0 <= gamma_min <= gamma_max <= 1, "
+                             f"got {config.gamma_min}, {config.gamma_max}")
+        super().__init__(config, teacher, student_steps)
+
+    @property
+    def embeds(self) -> bool:
+        return self.config.gamma_min < self.config.gamma_max  # a constant gamma needs no embedding
+
+    def slot_for_sampling(self, n, device, guidance_scale=None):
+        return torch.zeros((n,), device=device)  # gamma = 1 (stock pipelines: guidance_scale = 1)
+
+    def student_input(self, x_hi, x_lo, t_hi, t_lo, cond, w, batch):
+        """``z = gamma x_{n+k} + (1 - gamma) (a_{n+k} / a_n) x_hat_n``; target at ``(x_hat_n, t_n, gamma = 1)``."""
+        c = self.config
+        gamma = c.gamma_min + (c.gamma_max - c.gamma_min) * batch.rand(x_hi.shape[0])  # drawn last: gamma = 1 is LCM
+        z = self.sub_path_point(x_hi, x_lo, t_hi, t_lo, gamma)
+        return z, self.with_slot(cond, gamma - 1.0), self.with_slot(cond, torch.zeros_like(gamma))
+
+    def sub_path_point(self, x_hi, x_lo, t_hi, t_lo, gamma):
+        sched = self.teacher.schedule
+        ratio = sched.alpha(t_hi) / sched.alpha(t_lo)
+        g = _bcast(gamma.to(x_hi.dtype), x_hi)
+        return g * x_hi + (1 - g) * _bcast(ratio.to(x_hi.dtype), x_hi) * x_lo
+
+    def _export_guidance(self):
+        note = (f"The teacher's guidance (s = {self.guidance:g}) is distilled in. Keep `guidance_scale=1`: "
+                f"{'the embedding slot carries SLAM gamma - 1 and 1 selects gamma = 1' if self.embeds else 'a value > 1 would run CFG on the student'}.")
+        return {"guidance_scale": 1.0, "guidance_note": note}
+
+
+def _plain(module: nn.Module) -> nn.Module:
+    return getattr(module, "module", module)

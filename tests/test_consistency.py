@@ -1,0 +1,347 @@
+"""Consistency distillation (LCM) and SLAM: boundary condition, LCM grid/scalings, SLAM's reduction to LCM, errors,
+quality on the 8-mode mixture against the exact teacher, exact resume, and the tiny-SDXL export round trip."""
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, run_cli
+
+
+def _cfg(config, tmp_path, *overrides):
+    from fewstep.config import load_config
+
+    return load_config(config, ["train.tracker=none", f"output_dir={tmp_path}/run", "train.resume=false", *overrides])
+
+
+def _build(config, tmp_path, *overrides):
+    from fewstep.api import build
+
+    return build(_cfg(config, tmp_path, *overrides))
+
+
+def _distill(config, tmp_path, *overrides):
+    from fewstep.api import distill
+
+    torch.set_num_threads(1)  # tiny MLPs: threads only add contention on a shared CPU
+    return distill(_cfg(config, tmp_path, *overrides), log=lambda *a: None)
+
+
+def _perturb(module, scale=0.05, seed=0):
+    """Give every zero-initialised residual weight a value, so the student differs from the teacher."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+# ---- the parametrization ------------------------------------------------------------------------
+@pytest.mark.parametrize("schedule", ["vp", "flow"])
+def test_boundary_condition_is_exact(tmp_path, schedule):
+    """f(x, 0) = x bit for bit, for any network output; and f differs from x away from t = 0."""
+    teacher, _, obj = _build("configs/gmm_consistency.yaml", tmp_path, f"teacher.schedule={schedule}")
+    _perturb(obj.student)
+    x = torch.randn(64, 2) * 3
+    from fewstep.conditions import Condition
+
+    cond = obj.with_slot(Condition(class_labels=torch.arange(64) % 8), torch.rand(64) * 2)
+    with torch.no_grad():
+        f0 = obj.consistency(obj.student, x, torch.zeros(64), cond)
+        f1 = obj.consistency(obj.student, x, torch.full((64,), 0.5), cond)
+    assert torch.equal(f0, x)
+    assert (f1 - x).abs().max() > 0.1
+
+
+def test_scalings_and_grid_match_diffusers_lcm_scheduler():
+    """c_skip/c_out at the teacher's timesteps and the sampling grid are LCMScheduler's own (what the export runs)."""
+    from diffusers import LCMScheduler
+
+    from fewstep.objectives.consistency import lcm_grid_times, lcm_scalings
+    from fewstep.schedules import VPDiscrete
+
+    sched = LCMScheduler(original_inference_steps=50)
+    vp = VPDiscrete(sched.alphas_cumprod)
+    ks = torch.tensor([0, 19, 259, 499, 759, 999])
+    c_skip, c_out = lcm_scalings(vp.timestep_to_t(ks.double()), vp)
+    for k, cs, co in zip(ks.tolist(), c_skip.tolist(), c_out.tolist()):
+        ref_skip, ref_out = sched.get_scalings_for_boundary_condition_discrete(k)
+        assert cs == pytest.approx(float(ref_skip), rel=1e-6, abs=1e-12)
+        assert co == pytest.approx(float(ref_out), rel=1e-6)
+    c_skip, c_out = lcm_scalings(torch.zeros(1), vp)  # fewstep t = 0 is data: exactly the identity
+    assert c_skip.item() == 1.0 and c_out.item() == 0.0
+    for grid in (50, 25):
+        s = LCMScheduler(original_inference_steps=grid)
+        for k in (1, 2, 3, 4):
+            s.set_timesteps(k)
+            times = lcm_grid_times(k, grid)
+            assert [round(t * 1000) - 1 for t in times] == s.timesteps.tolist()
+    assert lcm_grid_times(4, 50) == [1.0, 0.76, 0.5, 0.26]
+
+
+def test_guided_teacher_step_is_cfg_ddim(tmp_path):
+    """The per-sample guided teacher x0 equals the teacher's own CFG (native space) at that scale."""
+    teacher, _, obj = _build("configs/gmm_consistency.yaml", tmp_path)
+    from fewstep.conditions import Condition
+
+    x = torch.randn(32, 2)
+    t = torch.full((32,), 0.6)
+    cond = Condition(class_labels=torch.arange(32) % 8)
+    for s in (1.0, 2.5):
+        got = obj._teacher_x0(x, t, cond, torch.full((32,), s))
+        ref = teacher(x, t, cond, guidance_scale=s)
+        assert torch.allclose(got, ref, atol=1e-5)
+    assert not torch.allclose(obj._teacher_x0(x, t, cond, torch.full((32,), 2.5)), teacher(x, t, cond), atol=1e-3)
+
+
+def _batch(teacher, n=256, seed=5):
+    from fewstep.objectives.base import Batch
+
+    g = torch.Generator().manual_seed(seed)
+    x, cond = teacher.real_samples(n, g)
+    return Batch(size=n, cond=cond, generator=g, device=torch.device("cpu"), real=x, real_cond=cond)
+
+
+def test_slam_gamma_one_is_consistency_exactly(tmp_path):
+    """SLAM with gamma = 1 computes LCM's loss bit for bit on the same batch; gamma < 1 does not."""
+    common = ["objective.guidance_embedding=false", "objective.loss=huber", "objective.target_ema=0.95"]
+    _, _, lcm = _build("configs/gmm_consistency.yaml", tmp_path, *common)
+    _, _, slam1 = _build("configs/gmm_slam.yaml", tmp_path, "objective.gamma_min=1", "objective.gamma_max=1", *common[1:])
+    _, _, slam = _build("configs/gmm_slam.yaml", tmp_path, "objective.gamma_min=0.5", "objective.gamma_max=0.5",
+                        *common[1:])
+    for o in (lcm, slam1, slam):
+        _perturb(o.student, seed=1)
+        _perturb(o.target, seed=2)
+    assert not slam1.embeds and not slam.embeds  # a constant gamma needs no embedding
+    nets = lambda o: {"student": o.student}
+    l_lcm = lcm.loss("student", _batch(lcm.teacher), 0, nets(lcm)).loss
+    l_slam1 = slam1.loss("student", _batch(slam1.teacher), 0, nets(slam1)).loss
+    l_slam = slam.loss("student", _batch(slam.teacher), 0, nets(slam)).loss
+    assert l_lcm.item() > 0
+    assert torch.equal(l_lcm, l_slam1)
+    assert abs(l_slam.item() - l_lcm.item()) > 1e-3 * l_lcm.item()
+
+
+def test_slam_sub_path_point(tmp_path):
+    _, _, slam = _build("configs/gmm_slam.yaml", tmp_path)
+    x_hi, x_lo = torch.randn(8, 2), torch.randn(8, 2)
+    t_hi, t_lo = torch.full((8,), 0.6), torch.full((8,), 0.58)
+    sched = slam.teacher.schedule
+    ratio = (sched.alpha(t_hi) / sched.alpha(t_lo))[:, None]
+    z = lambda g: slam.sub_path_point(x_hi, x_lo, t_hi, t_lo, torch.full((8,), g))
+    assert torch.equal(z(1.0), x_hi)
+    assert torch.allclose(z(0.0), ratio * x_lo)
+    assert torch.allclose(z(0.25), 0.25 * x_hi + 0.75 * ratio * x_lo)
+    assert slam.embeds and slam.student.net.residual.guidance_dim == 16  # gamma is embedded when it varies
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides,needles", [
+    (["objective.w_min=5", "objective.w_max=2"], ["objective.w_min=5", "objective.w_max=2"]),
+    (["objective.skip=30"], ["objective.skip=30", "1000"]),
+    (["teacher.guidance_scale=9"], ["teacher.guidance_scale=9", "w_min..w_max", "objective.guidance_scale"]),
+    (["objective.loss=l1"], ["objective.loss"]),
+])
+def test_bad_consistency_config_is_one_line_error(tmp_path, overrides, needles):
+    from fewstep.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        _build("configs/gmm_consistency.yaml", tmp_path, *overrides)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for n in needles:
+        assert n in msg, (n, msg)
+
+
+def test_guidance_embedding_needs_a_slot(tiny_pipelines, prompts_file, tmp_path):
+    """A teacher/student that cannot take time_cond_proj_dim: one line saying how to enable it (or turn it off)."""
+    from fewstep.config import ConfigError
+
+    base = ["teacher.dtype=float32", f"data.images={tmp_path}", f"data.prompts={prompts_file}",
+            "teacher.guidance_scale=8"]
+    with pytest.raises(ConfigError) as e:  # LoRA student: the embedding is a new layer
+        _build("configs/sdxl_consistency.yaml", tmp_path, f"teacher.path={tiny_pipelines['sdxl']}", "student.lora_rank=4",
+               *base)
+    msg = str(e.value)
+    assert "\n" not in msg and "time_cond_proj_dim" in msg
+    assert "student.lora_rank=0" in msg and "objective.guidance_embedding=false" in msg
+    with pytest.raises(ConfigError) as e:  # UNet2DModel teacher
+        _build("configs/sdxl_consistency.yaml", tmp_path, f"teacher.path={tiny_pipelines['ddpm']}", *base)
+    assert "objective.guidance_embedding=false" in str(e.value)
+    # turned off, the same LoRA student trains at the fixed scale and recommends guidance_scale=1
+    _, _, obj = _build("configs/sdxl_consistency.yaml", tmp_path, f"teacher.path={tiny_pipelines['sdxl']}",
+                       "student.lora_rank=4", "objective.guidance_embedding=false", *base)
+    assert obj.export_spec()["guidance_scale"] == 1.0 and obj.student.net.config.time_cond_proj_dim is None
+
+
+def test_cli_reports_empty_guidance_range(tmp_path):
+    r = run_cli("distill", "configs/gmm_consistency.yaml", "objective.w_min=3", "objective.w_max=1",
+                f"output_dir={tmp_path}/run")
+    assert r.returncode != 0
+    err = [l for l in r.stderr.splitlines() if l.startswith("fewstep: error:")]
+    assert len(err) == 1 and "objective.w_min=3" in err[0] and "Traceback" not in r.stderr
+
+
+def test_image_captions_file(tmp_path):
+    from fewstep.teachers.unet import image_captions
+
+    (tmp_path / "sub").mkdir()
+    files = [tmp_path / "a_cat.png", tmp_path / "b.png", tmp_path / "sub" / "c.png", tmp_path / "d_red_dog.png"]
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "b.png", "text": "a blue bird"}\n')
+    (tmp_path / "captions.txt").write_text("sub/c.png\ta green frog\n")
+    assert image_captions(tmp_path, files) == ["a cat", "a blue bird", "a green frog", "d red dog"]
+
+
+# ---- known answers on the 8-mode mixture --------------------------------------------------------
+def _init_endpoint_error(tmp_path, config, *overrides):
+    """Endpoint error of the untrained student (a copy of the teacher): what training must beat."""
+    from fewstep.api import evaluate_toy
+
+    teacher, _, obj = _build(config, tmp_path, *overrides)
+    return evaluate_toy(teacher, obj, obj.student, n=2000)["endpoint_error"]
+
+
+def test_consistency_one_step_lands_on_the_teacher_ode_endpoint(tmp_path):
+    """Acceptance: 1-step mean distance to the reference ODE endpoint of the same noise < 0.25 x mode spacing; and well
+    below the untrained student's (the teacher's one-step x0, the mode's mean)."""
+    m = _distill("configs/gmm_consistency.yaml", tmp_path, "train.max_steps=3000")
+    ev = m["eval"]
+    init = _init_endpoint_error(tmp_path, "configs/gmm_consistency.yaml")
+    assert ev["endpoint_error"] < 0.25 * ev["nearest_mode_spacing"], m["table"]
+    assert ev["endpoint_error"] < 0.5 * init, (ev["endpoint_error"], init)
+    assert ev["student"]["modes_covered"] == 8 and ev["student"]["nfe"] == 1
+
+
+def test_consistency_four_steps_match_the_data(tmp_path):
+    """Acceptance: the 4-step student's energy distance to data <= 1.5x the teacher ODE's, every mode covered."""
+    m = _distill("configs/gmm_consistency.yaml", tmp_path, "student.steps=4", "train.max_steps=1500")
+    ev = m["eval"]
+    assert ev["student"]["modes_covered"] == 8 and ev["student"]["nfe"] == 4
+    assert ev["student"]["energy_distance"] <= 1.5 * ev["teacher"]["energy_distance"], m["table"]
+
+
+def test_slam_one_step_lands_on_the_teacher_ode_endpoint(tmp_path):
+    m = _distill("configs/gmm_slam.yaml", tmp_path, "student.steps=1", "train.max_steps=3000")
+    ev = m["eval"]
+    init = _init_endpoint_error(tmp_path, "configs/gmm_slam.yaml", "student.steps=1")
+    assert ev["endpoint_error"] < 0.25 * ev["nearest_mode_spacing"], m["table"]
+    assert ev["endpoint_error"] < 0.75 * init, (ev["endpoint_error"], init)
+    assert ev["student"]["modes_covered"] == 8
+
+
+@pytest.mark.slow
+def test_slam_four_steps_match_the_data(tmp_path):
+    m = _distill("configs/gmm_slam.yaml", tmp_path, "student.steps=4", "train.max_steps=3000")
+    ev = m["eval"]
+    assert ev["student"]["modes_covered"] == 8
+    assert ev["student"]["energy_distance"] <= 1.5 * ev["teacher"]["energy_distance"], m["table"]
+
+
+@pytest.mark.slow
+def test_one_student_serves_a_range_of_guidance_scales(tmp_path):
+    """Trained on w in [0, 2]: at s = 1 and s = 3 the 1-step student lands on the teacher's CFG ODE endpoint at s."""
+    from fewstep.api import build, evaluate_toy
+
+    _distill("configs/gmm_consistency.yaml", tmp_path, "train.max_steps=6000")
+    from fewstep.export import load_toy_student
+
+    for s in (1.0, 3.0):
+        teacher, _, obj = _build("configs/gmm_consistency.yaml", tmp_path, f"teacher.guidance_scale={s}")
+        student = load_toy_student(teacher, tmp_path / "run" / "student")
+        ev = evaluate_toy(teacher, obj, student, n=2000)
+        assert ev["endpoint_error"] < 0.1, (s, ev["endpoint_error"])
+
+
+def test_resume_restores_the_ema_target(tmp_path):
+    """10 steps + resume to 20 == 20 straight: the objective's EMA target is part of the checkpoint."""
+    from safetensors.torch import load_file
+
+    common = ["train.batch_size=64", "train.checkpoint_every=5", "train.log_every=1"]
+    _distill("configs/gmm_consistency.yaml", tmp_path / "a", "train.max_steps=20", *common)
+    _distill("configs/gmm_consistency.yaml", tmp_path / "b", "train.max_steps=10", *common)
+    _distill("configs/gmm_consistency.yaml", tmp_path / "b", "train.max_steps=20", "train.resume=true", *common)
+    ck = tmp_path / "b" / "run" / "checkpoints" / "checkpoint-0000020"
+    assert list(ck.glob("custom_checkpoint_*"))  # the target network is saved
+    sa = load_file(str(tmp_path / "a" / "run" / "student" / "student.safetensors"))
+    sb = load_file(str(tmp_path / "b" / "run" / "student" / "student.safetensors"))
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+# ---- tiny SDXL: distill, export, reload in a fresh process, compare -----------------------------------
+CHECK = r"""
+import json, sys, torch
+from diffusers import DiffusionPipeline
+from fewstep.api import load_run
+from fewstep.export import check_roundtrip
+run = sys.argv[1]
+info = json.load(open(run + "/pipeline/fewstep.json"))
+cfg, teacher, data, obj = load_run(run)
+student = obj.student
+student.net = type(student.net).from_pretrained(run + "/pipeline/unet")
+proj = student.net.config.time_cond_proj_dim
+if proj:  # make the embedding matter (3 training steps barely move it), in the folder and the student alike
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        student.net.time_embedding.cond_proj.weight.copy_(0.05 * torch.randn(
+            student.net.time_embedding.cond_proj.weight.shape, generator=g))
+    student.net.save_pretrained(run + "/pipeline/unet")
+pipe = DiffusionPipeline.from_pretrained(run + "/pipeline")
+pipe.scheduler.set_timesteps(info["num_inference_steps"])
+out = {"class": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__, "proj": proj,
+       "timesteps": pipe.scheduler.timesteps.tolist(), "info": info}
+prompts = ["a red dog", "a photo of a cat"]
+out["max_diff"] = check_roundtrip(run + "/pipeline", obj, teacher, student, prompts)
+if proj and obj.name == "consistency":
+    out["max_diff_s5"] = check_roundtrip(run + "/pipeline", obj, teacher, student, prompts[:1], guidance_scale=5.0)
+    noise = torch.randn((1, *teacher.sample_shape), generator=torch.Generator().manual_seed(0))
+    cond = teacher.conditions_for_prompts(prompts[:1])
+    a = obj.sample(student, noise, cond, generator=torch.Generator().manual_seed(1), guidance_scale=5.0)
+    b = obj.sample(student, noise, cond, generator=torch.Generator().manual_seed(1))
+    out["guidance_effect"] = float((a - b).abs().max())
+print("RESULT " + json.dumps(out))
+"""
+
+
+def _sdxl_roundtrip(objective, tiny_pipelines, prompts_file, tmp_path, *overrides):
+    import numpy as np
+    from PIL import Image
+
+    imgs = tmp_path / "images"
+    imgs.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a_photo_of_a_cat", "a_red_dog", "blue_flowers"):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(imgs / f"{name}.png")
+    run = tmp_path / "run"
+    r = run_cli("distill", f"configs/sdxl_{objective}.yaml", f"teacher.path={tiny_pipelines['sdxl']}",
+                "teacher.dtype=float32", "train.max_steps=3", "train.batch_size=2", "train.mixed_precision=no",
+                "train.checkpoint_every=2", "train.sample_every=0", "train.lr=1e-3", f"data.prompts={prompts_file}",
+                f"data.images={imgs}", f"output_dir={run}", *overrides)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert list((run / "checkpoints").glob("checkpoint-*"))
+    p = subprocess.run([sys.executable, "-c", CHECK, str(run)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(p.stdout.split("RESULT ", 1)[1])
+    assert res["class"] == "StableDiffusionXLPipeline" and res["scheduler"] == "LCMScheduler"
+    return run, res
+
+
+def test_sdxl_consistency_export_roundtrip(tiny_pipelines, prompts_file, tmp_path):
+    """Default call pipe(prompt, num_inference_steps=4, guidance_scale=8) == the training sampler, same noise."""
+    run, res = _sdxl_roundtrip("consistency", tiny_pipelines, prompts_file, tmp_path)
+    assert res["proj"] == 256
+    assert res["timesteps"] == [999, 759, 499, 259]
+    assert res["info"]["guidance_scale"] == 8.0 and res["info"]["num_inference_steps"] == 4
+    assert res["max_diff"] < 1e-3 and res["max_diff_s5"] < 1e-3, res
+    assert res["guidance_effect"] > 1e-2, res  # the scale reaches the student through the embedding
+    card = (run / "pipeline" / "README.md").read_text()
+    assert "guidance_scale=8.0" in card and "[4, 16]" in card
+
+
+def test_sdxl_slam_export_roundtrip(tiny_pipelines, prompts_file, tmp_path):
+    run, res = _sdxl_roundtrip("slam", tiny_pipelines, prompts_file, tmp_path, "student.steps=2")
+    assert res["proj"] == 256 and res["timesteps"] == [999, 499]
+    assert res["info"]["guidance_scale"] == 1.0  # 1 selects gamma = 1 in the embedding slot
+    assert res["max_diff"] < 1e-3, res
