@@ -67,7 +67,10 @@ class Trainer:
             from accelerate.state import AcceleratorState
 
             AcceleratorState._reset_state(reset_partial_state=True)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
         self.acc = Accelerator(
+            # torchrun on CPUs: accelerate starts DDP over gloo only when told the run is CPU-only
+            cpu=world > 1 and not torch.cuda.is_available(),
             mixed_precision=tc.mixed_precision,
             log_with=None if tc.tracker == "none" else tc.tracker,
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
