@@ -156,13 +156,13 @@ def markdown(result: dict) -> str:
     for s in result.get("speedups", []):
         m = labels.get(s["metric"], s["metric"])
         if s["teacher_at_least_as_good"]:
-            lines.append(f"\n{s['student']}: {s['speedup']:.1f}x faster per image (measured) than the teacher at "
-                         f"{s['teacher_steps']} steps, the fewest steps at which the teacher is at least as good "
+            lines.append(f"\n{s['student']}: speed-up {s['speedup']:.1f}x (measured time per image) over the teacher "
+                         f"at {s['teacher_steps']} steps, the fewest steps at which the teacher is at least as good "
                          f"({m} {s['teacher_value']:.4f} vs {s['student_value']:.4f}).")
         else:
             lines.append(f"\n{s['student']}: better {m} than the teacher at any step count tried "
-                         f"({s['student_value']:.4f} vs {s['teacher_value']:.4f} at {s['teacher_steps']} steps) and "
-                         f"{s['speedup']:.1f}x faster per image (measured).")
+                         f"({s['student_value']:.4f} vs {s['teacher_value']:.4f} at {s['teacher_steps']} steps), "
+                         f"speed-up {s['speedup']:.1f}x (measured time per image).")
     return "\n".join(lines) + "\n"
 
 
@@ -185,6 +185,9 @@ def plot(result: dict, path) -> Optional[Path]:
     markers = "s^Dv<>p*"
     for i, r in enumerate(r for r in result["rows"] if r["model"] != "teacher"):
         ax.plot([r["nfe"]], [r[metric]], markers[i % len(markers)], ms=9, label=f"{r['model']} ({r['steps']} step)")
+    floor = result.get("floor") or {}
+    if metric in floor:  # e.g. real images against the reference: the best a finite sample can score
+        ax.axhline(floor[metric], ls="--", color="0.6", lw=1, label=floor.get("label", "real data"))
     ax.set_xscale("log")
     ax.set_xlabel("network evaluations per image (NFE)")
     ax.set_ylabel(labels.get(metric, metric))

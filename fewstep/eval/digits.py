@@ -406,6 +406,7 @@ def run_benchmark(out_dir: str = "runs/bench_digits", student_steps=(1, 4), trai
                   student_names=[f"dmd2-{k}step" for k in student_steps], log=log, progress=progress)
     times["eval_s"] = time.perf_counter() - t0
     res["data_floor_digits_fid"] = data_floor(ext, ref, num_images)
+    res["floor"] = {"digits_fid": res["data_floor_digits_fid"], "label": f"{num_images} real digits"}
     t50 = next((r for r in res["rows"] if r["model"] == "teacher" and r["steps"] == max(teacher_steps)), None)
     s1 = next((r for r in res["rows"] if r["model"] == "dmd2-1step"), None)
     if t50 and s1:
