@@ -9,7 +9,7 @@ TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test test-slow bench clean
+.PHONY: venv demo test test-slow bench bench-digits clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,9 @@ test-slow: venv
 
 bench: venv
 	$(BIN)/python tools/benchmark.py
+
+bench-digits: venv
+	$(BIN)/python -m pytest -q -s -m slow tests/test_digits.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

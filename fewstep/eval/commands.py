@@ -126,14 +126,16 @@ def cmd_fid(args) -> int:
     if not args.ref:
         raise DataError("--ref is required: a folder of reference images or a .npz statistics file")
     ext = load_feature_extractor(args.feature_extractor, args.backend, _device(args))
+    if not args.pipeline and not args.images and not args.save_ref_stats:
+        raise DataError("nothing to score: pass --pipeline DIR or --images DIR (or --save-ref-stats FILE.npz "
+                        "to only precompute the reference statistics)")
+    # the reference first: a bad --ref fails before any image is generated
+    ref_feats, stats = reference(args.ref, ext, resize=args.ref_resize, save_stats=args.save_ref_stats,
+                                 progress=not args.quiet)
     if not args.pipeline and not args.images:
-        if not args.save_ref_stats:
-            raise DataError("nothing to score: pass --pipeline DIR or --images DIR (or --save-ref-stats FILE.npz "
-                            "to only precompute the reference statistics)")
-        _, stats = reference(args.ref, ext, resize=args.ref_resize, save_stats=args.save_ref_stats,
-                             progress=not args.quiet)
         print(f"wrote reference statistics of {stats.num_images} images ({ext.name}) to {args.save_ref_stats}")
         return 0
+    ref_cache = {(str(args.ref), ext.name, args.ref_resize): (ref_feats, stats)}
     json_path = args.json
     extra = {}
     if args.pipeline:
@@ -147,7 +149,7 @@ def cmd_fid(args) -> int:
         extra = {"images": args.images}
     limit = None if args.pipeline else args.num_images
     result = fid(images, args.ref, ext, args.backend, limit=limit, ref_resize=args.ref_resize,
-                 save_ref_stats=args.save_ref_stats, save_stats=args.save_stats, progress=not args.quiet)
+                 save_stats=args.save_stats, progress=not args.quiet, ref_cache=ref_cache)
     result.update(extra)
     print(f"FID {result['fid']:.4f}  ({result['num_images']} images vs {result['num_ref_images']} reference; "
           f"features: {result['feature_extractor']}; backend: {result['backend']})")

@@ -31,6 +31,15 @@ class MetricSuite:
     fid_name: str = "fid"  # key of the FID column (e.g. "digits_fid")
     _ref_cache: dict = field(default_factory=dict)
 
+    def prepare(self) -> None:
+        """Load / featurise the reference now, so a bad reference fails before any image is generated."""
+        if self.extractor is not None and self.ref:
+            from .fid import reference
+
+            key = (str(self.ref), self.extractor.name, None)
+            if key not in self._ref_cache:
+                self._ref_cache[key] = reference(str(self.ref), self.extractor, progress=False)
+
     def __call__(self, gen: Generated) -> dict:
         from .fid import fid
 
@@ -109,7 +118,13 @@ def compare(teacher: str, students: Sequence[str], suite: MetricSuite, num_image
             log: Callable = print, progress: bool = True) -> dict:
     """Rows for the teacher at each of ``teacher_steps`` and each student at its recommended call."""
     common = {"prompts": prompts, "batch_size": batch_size, "seed": seed, "progress": progress}
+    for p in [teacher, *students]:  # fail before the (long) teacher rows, not after them
+        if not (Path(p) / "model_index.json").is_file() and (Path(p).exists() or str(p).startswith((".", "/", "~"))):
+            from ..config import ConfigError
+
+            raise ConfigError(f"{p} is not a diffusers pipeline folder (no model_index.json)")
     t0 = time.perf_counter()
+    suite.prepare()
     rows = []
     tpipe = open_pipeline(teacher, device)
     tg = teacher_guidance if teacher_guidance is not None else recommended(teacher)["guidance_scale"]
