@@ -149,11 +149,12 @@ def evaluate_toy(teacher, objective, student, n: int = 5000, seed: int = 123, od
 
 
 def toy_table(res: dict) -> str:
-    rows = [("", "sampler", "NFE", "energy dist.", "modes", "in-mode", "s / 1k samples")]
+    rows = [("", "sampler", "NFE", "energy dist.", "modes", "in-mode", "spread", "s / 1k samples")]
     for k in ("teacher", "student"):
         r = res[k]
         rows.append((k, r["sampler"], str(r["nfe"]), f"{r['energy_distance']:.4f}",
-                     f"{r['modes_covered']}/{r['num_modes']}", f"{r['in_mode_frac']:.2f}", f"{r['sec_per_1k']:.4f}"))
+                     f"{r['modes_covered']}/{r['num_modes']}", f"{r['in_mode_frac']:.2f}", f"{r['spread']:.2f}",
+                     f"{r['sec_per_1k']:.4f}"))
     w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     fmt = lambda r: "| " + " | ".join(c.ljust(w[i]) for i, c in enumerate(r)) + " |"
     out = [fmt(rows[0]), "|" + "|".join("-" * (x + 2) for x in w) + "|"] + [fmt(r) for r in rows[1:]]

@@ -26,7 +26,32 @@ def mode_stats(x: Tensor, mixture, radius_stds: float = 3.0, min_frac: float = 0
     counts = torch.bincount(near[inside], minlength=len(means)).to(x.dtype)
     expected = w * len(x)
     covered = int((counts >= min_frac * expected).sum())
-    return {"modes_covered": covered, "num_modes": len(means), "in_mode_frac": float(inside.float().mean())}
+    return {"modes_covered": covered, "num_modes": len(means), "in_mode_frac": float(inside.float().mean()),
+            "spread": spread_ratio(x, mixture)}
+
+
+def spread_ratio(x: Tensor, mixture, min_count: int = 20) -> float:
+    """Within-mode spread of samples relative to the truth: 1.0 = right, < 1 = collapsed, > 1 = too wide.
+
+    Each sample goes to its most probable component under the true mixture; per component the ratio is
+    ``sqrt(mean squared distance to the mean / D) / std``.  Components with fewer than ``min_count``
+    samples are skipped; the result is the weight-averaged ratio of the rest (NaN if none).
+    """
+    means, stds, w = mixture.means.double(), mixture.stds.double(), mixture.weights.double()
+    x = x.double().cpu()
+    d2 = torch.cdist(x, means) ** 2  # (N, K)
+    dim = means.shape[1]
+    logp = -0.5 * d2 / stds**2 - dim * stds.log() + w.log()
+    k = logp.argmax(1)
+    num = den = 0.0
+    for j in range(len(means)):
+        sel = d2[k == j, j]
+        if len(sel) < min_count:
+            continue
+        ratio = float((sel.mean() / dim).sqrt() / stds[j])
+        num += float(w[j]) * ratio
+        den += float(w[j])
+    return num / den if den else float("nan")
 
 
 def scatter_panels(panels: dict, path: str, title: Optional[str] = None, lim: Optional[float] = None) -> str:

@@ -88,6 +88,15 @@ def _grid(n: int, spacing: float, std: float) -> Mixture:
 BUILTIN = {
     "ring8": lambda: _ring(8, 2.0, 0.1),  # 8 equal modes on a circle of radius 2
     "grid9": lambda: _grid(3, 1.5, 0.1),  # 3x3 grid
+    # unequal weights and stds (multi-step diversity checks): 6 classes, stds 0.05..0.3, weights 0.05..0.3
+    "uneq6": lambda: Mixture(torch.tensor([[-2.0, -1.0], [0.0, -2.0], [2.0, -1.0], [2.0, 1.5], [0.0, 2.0],
+                                           [-2.0, 1.5]], dtype=torch.float64),
+                             torch.tensor([0.05, 0.3, 0.1, 0.2, 0.15, 0.08], dtype=torch.float64),
+                             torch.tensor([0.3, 0.1, 0.05, 0.25, 0.2, 0.1], dtype=torch.float64)),
+    # 3 close modes of very different size: a wide heavy one next to two narrow light ones
+    "skew3": lambda: Mixture(torch.tensor([[0.0, 0.0], [1.2, 0.0], [0.0, 1.2]], dtype=torch.float64),
+                             torch.tensor([0.35, 0.06, 0.12], dtype=torch.float64),
+                             torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64)),
     "line4": lambda: Mixture(torch.tensor([[-1.0], [0.0], [1.0], [2.0]], dtype=torch.float64),
                              torch.full((4,), 0.05, dtype=torch.float64),
                              torch.full((4,), 0.25, dtype=torch.float64)),  # 1-D data on {-1, 0, 1, 2}
