@@ -101,6 +101,7 @@ def build(cfg):
     torch.manual_seed(cfg.train.seed)  # network initialisation (heads, toy residuals) is part of the config
     try:
         objective = obj_cls(obj_cfg, teacher, cfg.student.steps)
+        objective.set_max_steps(cfg.train.max_steps)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return teacher, data, objective

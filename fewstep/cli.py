@@ -137,7 +137,7 @@ def cmd_sample(args) -> int:
         raise ConfigError(f"{path} has no exported pipeline; run `fewstep export {path}` first")
     if not (path / "student" / "student.safetensors").is_file():
         raise ConfigError(f"{path} has no trained student yet (student/student.safetensors)")
-    student = load_toy_student(teacher, path / "student")
+    student = load_toy_student(teacher, path / "student", objective)
     n = args.num_samples or 1000
     if n < 1:
         raise ConfigError(f"--num-samples must be >= 1, got {n}")

@@ -136,19 +136,21 @@ def save_toy_student(student, objective, teacher, out_dir) -> Path:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    net = getattr(student, "net", None)  # None: a multi-network student (phased experts), rebuilt by its objective
     sd = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
     save_file(sd, str(out / "student.safetensors"))
     (out / "student.json").write_text(json.dumps({
         "objective": objective.name, "student_steps": objective.steps, "times": objective.times,
         "teacher": teacher.describe(), "mixture": teacher.mixture.to_json(),
-        "jump": bool(getattr(getattr(student.net, "residual", None), "jump", False)),  # flow-map student
+        "jump": bool(getattr(getattr(net, "residual", None), "jump", False)),  # flow-map student
         # the new_network keywords that rebuild this network (guidance embedding, residual-only, ...)
-        "network": student.net.spec() if hasattr(student.net, "spec") else {},
+        "network": net.spec() if hasattr(net, "spec") else {},
     }, indent=2))
     return out
 
 
-def load_toy_student(teacher, out_dir):
+def load_toy_student(teacher, out_dir, objective=None):
+    """The saved student, in the objective's own student module when given (the network it trained)."""
     from safetensors.torch import load_file
 
     meta = Path(out_dir) / "student.json"
@@ -156,7 +158,10 @@ def load_toy_student(teacher, out_dir):
     kw = dict(info.get("network", {}))
     if info.get("jump"):
         kw["jump"] = True
-    student = teacher.new_network("student", **kw)
+    if objective is not None:
+        student = objective.student_module(objective.networks())
+    else:
+        student = teacher.new_network("student", **kw)
     sd = load_file(str(Path(out_dir) / "student.safetensors"))
     student.load_state_dict(sd)
     student.eval()

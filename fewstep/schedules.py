@@ -69,6 +69,26 @@ class NoiseSchedule:
         std = (s_t**2 - (ratio * s_s) ** 2).clamp_min(0).sqrt()
         return _bcast(ratio, x_s) * x_s + _bcast(std, x_s) * eps
 
+    def renoise_targets(self, x_t: Tensor, xi: Tensor, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Unbiased (x0, eps) regression targets for ``x_t = renoise(x_s, s, t, xi)``, when x0 is unknown.
+
+        ``x_t | x_s ~ N(r x_s, beta^2 I)`` with ``r = a_t / a_s``, ``beta^2 = s_t^2 - r^2 s_s^2``, so
+        ``-xi / beta`` is an unbiased target for the score of ``p_t`` (denoising score matching from ``x_s``
+        instead of ``x0``).  Tweedie, ``score = (a_t E[x0|x_t] - x_t) / s_t^2``, turns it into
+        ``x0* = (x_t - (s_t^2 / beta) xi) / a_t`` and ``eps* = (s_t / beta) xi``; they satisfy
+        ``x_t = a_t x0* + s_t eps*``, so ``target(kind, x0*, eps*, t)`` is unbiased for every prediction kind
+        (v and flow velocity are linear in (x0, eps)).  With ``s = 0`` they are ``x0`` and ``xi`` exactly.
+        The variance grows as ``beta / s_t -> 0`` (t -> s): weight the loss by ``(beta / s_t)^2``.
+        """
+        a_s, a_t = self.alpha(s), self.alpha(t)
+        s_s, s_t = self.sigma(s), self.sigma(t)
+        r = a_t / a_s.clamp_min(1e-20)
+        beta = (s_t**2 - (r * s_s) ** 2).clamp_min(1e-12).sqrt()
+        k = _bcast(s_t / beta, xi)
+        eps = k * xi
+        x0 = (x_t - _bcast(s_t, x_t) * eps) / _bcast(a_t, x_t).clamp_min(1e-20)
+        return x0, eps
+
     def target(self, kind: str, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """The regression target of prediction ``kind`` for ``x_t = add_noise(x0, eps, t)``."""
         a, s = _bcast(self.alpha(t), x0), _bcast(self.sigma(t), x0)

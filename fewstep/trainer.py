@@ -174,6 +174,9 @@ class Trainer:
     def train_step(self) -> dict:
         tc = self.cfg.train
         logs: dict = {}
+        for group in self.obj.reset_groups(self.step):  # the objective re-initialised these weights
+            opt = self.optims[group]
+            getattr(opt, "optimizer", opt).state.clear()
         for gi, group in enumerate(self.obj.plan(self.step)):
             module, opt = self.wrapped[group], self.optims[group]
             nets = {n: (self.wrapped[n] if n == group else self.plain[n]) for n in self.names}

@@ -12,7 +12,12 @@ from pathlib import Path
 # class name in model_index.json -> module in this package
 CUSTOM_PIPELINES = {"ClassConditionalPipeline": "pipelines.class_conditional",
                     "FlowMapStableDiffusion3Pipeline": "pipelines.flow_map_sd3",
-                    "FlowMapFluxPipeline": "pipelines.flow_map_flux"}
+                    "FlowMapFluxPipeline": "pipelines.flow_map_flux",
+                    "PhasedStableDiffusionPipeline": "pipelines.phased_sd15",
+                    "PhasedStableDiffusionXLPipeline": "pipelines.phased_sdxl",
+                    "PhasedStableDiffusion3Pipeline": "pipelines.phased_sd3",
+                    "PhasedFluxPipeline": "pipelines.phased_flux",
+                    "PhasedClassConditionalPipeline": "pipelines.phased_class_conditional"}
 
 
 def pipeline_class_name(path) -> str:

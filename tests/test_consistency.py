@@ -137,6 +137,40 @@ def test_slam_sub_path_point(tmp_path):
     assert slam.embeds and slam.student.net.residual.guidance_dim == 16  # gamma is embedded when it varies
 
 
+def test_slam_loss_matches_a_hand_computation(tmp_path):
+    """The SLAM loss replayed by hand from the batch generator: online student at the sub-path point
+    ``gamma x_{n+k} + (1 - gamma) (a_{n+k} / a_n) x_hat_n`` at ``t_{n+k}`` with ``gamma - 1`` embedded, target the EMA
+    student at ``(x_hat_n, t_n)`` with ``gamma = 1`` (slot 0), L2; the sampler embeds ``gamma = 1``."""
+    _, _, slam = _build("configs/gmm_slam.yaml", tmp_path, "objective.loss=l2")
+    _perturb(slam.student, seed=1)
+    _perturb(slam.target, seed=2)
+    sched, n = slam.teacher.schedule, 64
+    got = slam.loss("student", _batch(slam.teacher, n=n, seed=9), 0, {"student": slam.student}).loss
+    b = _batch(slam.teacher, n=n, seed=9)
+    g = b.generator
+    x0, cond = b.real, b.real_cond
+    j = torch.randint(1, slam.grid + 1, (n,), generator=g)
+    t_hi, t_lo = j.float() / slam.grid, (j - 1).float() / slam.grid
+    eps = torch.randn(x0.shape, generator=g)
+    gamma = torch.rand((n,), generator=g)
+    a = lambda t: sched.alpha(t)[:, None]
+    x_hi = a(t_hi) * x0 + sched.sigma(t_hi)[:, None] * eps
+    with torch.no_grad():
+        x_lo = sched.ddim_step(slam.teacher(x_hi, t_hi, cond), x_hi, t_hi, t_lo)
+        z = gamma[:, None] * x_hi + (1 - gamma[:, None]) * a(t_hi) / a(t_lo) * x_lo
+        pred = slam.consistency(slam.student, z, t_hi, dataclasses.replace(cond, guidance_w=gamma - 1))
+        target = slam.consistency(slam.target, x_lo, t_lo, dataclasses.replace(cond, guidance_w=torch.zeros(n)))
+    assert torch.allclose(got, ((pred - target) ** 2).mean(), rtol=1e-5), (got, ((pred - target) ** 2).mean())
+    # inference: gamma = 1 (slot 0), the value a stock pipeline's guidance_scale = 1 feeds
+    noise = torch.randn(n, 2)
+    with torch.no_grad():
+        x = slam.sample(slam.student, noise, cond, num_steps=1)
+        ref = slam.consistency(slam.student, noise, torch.ones(n), dataclasses.replace(cond, guidance_w=torch.zeros(n)))
+        other = slam.consistency(slam.student, noise, torch.ones(n),
+                                 dataclasses.replace(cond, guidance_w=torch.full((n,), -0.5)))
+    assert torch.equal(x, ref) and not torch.allclose(x, other, atol=1e-4)
+
+
 # ---- bad input ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides,needles", [
     (["objective.w_min=5", "objective.w_max=2"], ["objective.w_min=5", "objective.w_max=2"]),
@@ -237,6 +271,26 @@ def test_slam_four_steps_match_the_data(tmp_path):
     ev = m["eval"]
     assert ev["student"]["modes_covered"] == 8
     assert ev["student"]["energy_distance"] <= 1.5 * ev["teacher"]["energy_distance"], m["table"]
+
+
+def _uneq6_one_step(tmp_path, config, name, *overrides):
+    m = _distill(config, tmp_path / name, "teacher.path=gmm:uneq6", "student.steps=1", "train.max_steps=3000", *overrides)
+    return m["eval"]["student"]
+
+
+@pytest.mark.slow
+def test_slam_one_step_vs_consistency_on_uneq6(tmp_path):
+    """Same budget (3000 steps, batch 256) on the unequal 6-mode mixture.  SLAM's gamma = 1 limit is LCM and matches
+    consistency; the paper's gamma ~ U[0, 1] covers every mode but measured ~2x consistency's energy distance
+    (0.0063 vs 0.0028, seed 0; the gap grows with the mass of gamma < 1), which the strict xfail below records."""
+    lcm = _uneq6_one_step(tmp_path, "configs/gmm_consistency.yaml", "lcm")
+    slam1 = _uneq6_one_step(tmp_path, "configs/gmm_slam.yaml", "slam1", "objective.gamma_min=1")
+    slam = _uneq6_one_step(tmp_path, "configs/gmm_slam.yaml", "slam")
+    assert slam1["energy_distance"] <= 1.3 * lcm["energy_distance"], (slam1, lcm)
+    assert slam["modes_covered"] == 6 and slam["energy_distance"] <= 4 * lcm["energy_distance"], (slam, lcm)
+    if slam["energy_distance"] > lcm["energy_distance"]:
+        pytest.xfail(f"faithful SLAM (gamma ~ U[0, 1]) 1-step energy distance {slam['energy_distance']:.4f} > "
+                     f"consistency {lcm['energy_distance']:.4f} on uneq6 (issue 8 item 4: not reached)")
 
 
 @pytest.mark.slow

@@ -130,18 +130,63 @@ def test_compare_table_files(dmd2_run, tiny_teacher, tmp_path):
                      {"width": 8, "feature_dim": 8}, input_size=16, in_channels=1, num_classes=10)
     ext = load_feature_extractor(str(tmp_path / "c.safetensors"))
     x, _ = load_digits_uint8()
-    FeatureStats.from_features(ext(to_rgb(x[:200])), ext.name).save(tmp_path / "ref.npz")
-    suite = MetricSuite(extractor=ext, ref=str(tmp_path / "ref.npz"), fid_name="digits_fid")
+    feats = ext(to_rgb(x[:200]))
+    FeatureStats.from_features(feats, ext.name).save(tmp_path / "ref.npz", features=feats)
+    suite = MetricSuite(extractor=ext, ref=str(tmp_path / "ref.npz"), fid_name="digits_fid", diversity={})
     res = compare(tiny_teacher, [str(dmd2_run[0] / "pipeline")], suite, num_images=12, teacher_steps=(1, 2),
                   batch_size=8, out_dir=str(tmp_path / "cmp"), log=lambda *a: None, progress=False)
     rows = res["rows"]
     assert [(r["model"], r["steps"], r["nfe"]) for r in rows] == [("teacher", 1, 1), ("teacher", 2, 2),
                                                                   ("dmd2-4step", 4, 4)]
-    assert all({"digits_fid", "class_accuracy", "sec_per_image"} <= set(r) for r in rows)
+    assert all({"digits_fid", "precision", "recall", "density", "coverage", "class_accuracy", "sec_per_image"}
+               <= set(r) for r in rows)
+    assert all(0 <= r["precision"] <= 1 and 0 <= r["coverage"] <= 1 for r in rows)
+    assert rows[0]["diversity"]["num_ref"] == 200 and rows[0]["diversity"]["num_images"] == 12
     assert res["main_metric"] == "digits_fid" and len(res["speedups"]) == 1
     for f in ("compare.json", "compare.md", "compare.png"):
         assert (tmp_path / "cmp" / f).stat().st_size > 0
-    assert "| dmd2-4step | 4 | 4 |" in (tmp_path / "cmp" / "compare.md").read_text()
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| dmd2-4step | 4 | 4 |" in md and "| digits-FID | precision | recall | density | coverage |" in md
+    assert "k=3 nearest neighbours" in md
+
+
+def test_benchmark_rows_and_skips(tiny_teacher, tmp_path, monkeypatch):
+    """run_benchmark on a tiny teacher and random classifier: a (label, config, overrides) row is distilled
+    and scored with digits-FID, precision/recall/density/coverage; a row with a missing config is skipped."""
+    from fewstep.eval import digits
+    from fewstep.eval.digits import DigitsCNN, StudentRow, parse_row
+    from fewstep.eval.features import save_feature_net
+
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    clf = tmp_path / "clf.safetensors"
+    save_feature_net(DigitsCNN(width=8, feature_dim=8), clf, "digits_cnn", {"width": 8, "feature_dim": 8},
+                     input_size=16, in_channels=1, num_classes=10)
+    monkeypatch.setattr(digits, "ensure_teacher_and_classifier", lambda *a, **k: (tiny_teacher, clf))
+    rows = [parse_row("tiny-2step configs/digits_dmd2.yaml student.steps=2 train.batch_size=4"),
+            StudentRow("later-2step", "configs/does_not_exist_yet.yaml", ("student.steps=2",))]
+    logs = []
+    res = digits.run_benchmark(str(tmp_path / "bench"), train_steps=2, num_images=12, teacher_steps=(1,),
+                               rows=rows, log=logs.append, progress=False)
+    assert [(r["model"], r["steps"]) for r in res["rows"]] == [("teacher", 1), ("tiny-2step", 2)]
+    assert all({"digits_fid", "precision", "recall", "density", "coverage", "class_accuracy"} <= set(r)
+               for r in res["rows"])
+    assert [s["label"] for s in res["skipped"]] == ["later-2step"]
+    assert any("skipping row later-2step: config configs/does_not_exist_yet.yaml does not exist" in l for l in logs)
+    assert "Skipped: skipping row later-2step" in res["markdown"] and "recall" in res["markdown"]
+    assert set(res["data_floor_diversity"]) >= {"precision", "recall", "density", "coverage"}
+    saved = json.loads((tmp_path / "bench" / "benchmark.json").read_text())
+    assert saved["rows_spec"][0]["overrides"] == ["student.steps=2", "train.batch_size=4"]
+    assert "tiny-2step_s" in saved["timings"]
+    with pytest.raises(Exception, match="LABEL CONFIG"):
+        parse_row("only-a-label")
+
+
+def test_default_rows():
+    from fewstep.eval.digits import DEFAULT_ROWS
+
+    assert [r.label for r in DEFAULT_ROWS] == ["dmd2-1step", "dmd2-4step", "phased_dmd-2step", "phased_dmd-4step"]
+    assert DEFAULT_ROWS[0].config_path().is_file()  # configs/digits_dmd2.yaml
 
 
 def test_cli_compare_errors(capsys):
@@ -151,11 +196,16 @@ def test_cli_compare_errors(capsys):
     assert "--teacher DIR is required" in capsys.readouterr().err
     assert main(["eval", "compare", "--teacher", "t", "--ref", "x.npz", "--teacher-steps", "1,a"]) == 2
     assert "comma-separated integers" in capsys.readouterr().err
+    assert main(["eval", "compare", "--teacher", "t", "--clip", "c", "--diversity"]) == 2
+    assert "--diversity needs --ref" in capsys.readouterr().err
+    assert main(["eval", "compare", "--teacher", "t", "--ref", "x.npz", "--diversity", "--num-images", "3"]) == 2
+    assert "needs more than 3 images, got --num-images 3" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_digits_benchmark():
-    """Teacher (cached) at 1..50 steps vs DMD2 1- and 4-step students; `make bench-digits`."""
+    """Teacher (cached) at 1..50 steps vs DMD2 1/4-step and Phased DMD 2/4-step students (rows whose config is
+    missing are skipped); digits-FID, precision, recall, density, coverage, class accuracy; `make bench-digits`."""
     from fewstep.eval.digits import run_benchmark
 
     out = os.environ.get("FEWSTEP_BENCH_OUT", str(ROOT / "runs" / "bench_digits"))
@@ -169,3 +219,5 @@ def test_digits_benchmark():
     assert s1["digits_fid"] < 0.25 * t1["digits_fid"]  # far better than the teacher at the same NFE
     assert s1["class_accuracy"] > 0.9 and s4["class_accuracy"] > 0.9
     assert s1["digits_fid"] <= 1.2 * t50["digits_fid"], res["goal"]  # the issue's goal
+    assert all({"precision", "recall", "density", "coverage"} <= set(r) for r in res["rows"])
+    assert t50["recall"] > 0.5 and t50["coverage"] > 0.5  # the teacher covers the real digits

@@ -176,6 +176,53 @@ def test_cli_fid_pipeline_generates_with_seeds(torchscript_net, sets, tmp_path, 
     assert (one.images.int() - saved.int()).abs().max() <= 1
 
 
+def test_cli_fid_diversity(torchscript_net, sets, tmp_path, capsys):
+    """--diversity: precision/recall/density/coverage next to FID, from a folder or a .npz holding features."""
+    fe = ["--feature-extractor", torchscript_net, "--quiet"]
+    same = _save_folder(sets["same_dist"][:150], tmp_path / "same")
+    code, out, err = _cli(capsys, "eval", "fid", "--images", same, "--ref", sets["ref_dir"], "--diversity",
+                          "--json", tmp_path / "a.json", *fe)
+    assert code == 0, err
+    a = json.loads((tmp_path / "a.json").read_text())
+    assert out.splitlines()[0].startswith("FID ") and out.splitlines()[1].startswith("precision ")
+    assert a["precision"] > 0.8 and a["recall"] > 0.8 and a["coverage"] > 0.8, a
+    assert a["diversity"]["k_pr"] == 3 and a["diversity"]["k_dc"] == 5 and a["diversity"]["num_ref"] == 300
+    # statistics written with --diversity carry the features: same numbers from the .npz
+    stats = tmp_path / "ref.npz"
+    assert _cli(capsys, "eval", "fid", "--ref", sets["ref_dir"], "--save-ref-stats", stats, "--diversity", *fe)[0] == 0
+    code, out, err = _cli(capsys, "eval", "fid", "--images", same, "--ref", stats, "--diversity", "--k-pr", 4,
+                          "--diversity-max-ref", 200, "--json", tmp_path / "b.json", *fe)
+    assert code == 0, err
+    b = json.loads((tmp_path / "b.json").read_text())
+    assert b["fid"] == pytest.approx(a["fid"], rel=1e-6)
+    assert b["diversity"]["k_pr"] == 4 and b["diversity"]["num_ref"] == 200
+    # a shifted set: low precision; without --diversity the output is unchanged
+    shifted = _save_folder(_images(150, seed=2, shift=60), tmp_path / "shifted")
+    code, out, err = _cli(capsys, "eval", "fid", "--images", shifted, "--ref", stats, "--json", tmp_path / "c.json",
+                          "--diversity", *fe)
+    assert code == 0, err
+    assert json.loads((tmp_path / "c.json").read_text())["precision"] < 0.5 * a["precision"]
+    code, out, err = _cli(capsys, "eval", "fid", "--images", same, "--ref", stats, "--json", tmp_path / "d.json", *fe)
+    assert code == 0 and "precision" not in out and "precision" not in json.loads((tmp_path / "d.json").read_text())
+
+
+@pytest.mark.parametrize("case", ["npz_without_features", "bad_k", "k_too_large"])
+def test_cli_fid_diversity_errors(case, torchscript_net, sets, tmp_path, capsys):
+    fe = ["--feature-extractor", torchscript_net, "--quiet"]
+    stats = tmp_path / "plain.npz"
+    assert _cli(capsys, "eval", "fid", "--ref", sets["ref_dir"], "--save-ref-stats", stats, *fe)[0] == 0
+    few = _save_folder(_images(3, seed=5), tmp_path / "few")
+    args, expect = {
+        "npz_without_features": (["--images", sets["ref_dir"], "--ref", stats], "hold no features"),
+        "bad_k": (["--images", sets["ref_dir"], "--ref", sets["ref_dir"], "--k-dc", 0], "--k-dc must be >= 1, got 0"),
+        "k_too_large": (["--images", few, "--ref", sets["ref_dir"]], "k=3 needs more than k generated samples, got 3"),
+    }[case]
+    code, out, err = _cli(capsys, "eval", "fid", *args, "--diversity", *fe)
+    assert code != 0
+    lines = [l for l in err.strip().splitlines() if l.startswith("fewstep: error:")]
+    assert len(lines) == 1 and expect in lines[0], err
+
+
 @pytest.mark.parametrize("case", ["missing_ref", "empty_folder", "unreadable_image", "ref_is_file", "ref_missing",
                                   "nothing_to_score", "bad_feature_file", "mixed_sizes"])
 def test_cli_fid_errors(case, torchscript_net, sets, tmp_path, capsys):

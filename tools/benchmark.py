@@ -3,7 +3,8 @@
 
 Each row distills the exact GMM teacher with one objective/setting on the same budget and reports the
 student's energy distance to the true mixture (the teacher's 100-step ODE is the reference floor),
-modes covered, in-mode fraction, endpoint error vs the teacher ODE of the same noise, NFE and time.
+modes covered, in-mode fraction, within-mode spread (1.0 = right, < 1 collapsed), endpoint error vs the teacher
+ODE of the same noise, NFE and time.
 
     python tools/benchmark.py                    # the default suite (DMD2: TTUR ablation, 1/2/4 steps; DMD)
     python tools/benchmark.py --only flow_map-1step flow_map-1step-predictor-only flow_map-1step-corrector-only
@@ -32,10 +33,19 @@ SUITE = {
     # name: overrides on configs/gmm_dmd2.yaml
     "dmd2-1step": [],
     "dmd2-1step-critic1": ["objective.critic_steps=1"],
+    # multi-step: the default exit rule (per_exit: one critic per exit), the published DMD2 rule (random exit,
+    # one shared critic) and training only the last exit; on uneq6 (unequal weights/stds) as well, where the
+    # shared critic lets the exits collapse within modes (tools/multistep_ablation.py runs the full grid)
     "dmd2-2step": ["student.steps=2"],
+    "dmd2-2step-recipe": ["student.steps=2", "objective.backward_simulation=dmd2"],
     "dmd2-2step-last": ["student.steps=2", "objective.backward_simulation=last"],
     "dmd2-4step": ["student.steps=4"],
+    "dmd2-4step-recipe": ["student.steps=4", "objective.backward_simulation=dmd2"],
     "dmd2-4step-last": ["student.steps=4", "objective.backward_simulation=last"],
+    "dmd2-2step-uneq6": ["teacher.path=gmm:uneq6", "student.steps=2"],
+    "dmd2-2step-recipe-uneq6": ["teacher.path=gmm:uneq6", "student.steps=2", "objective.backward_simulation=dmd2"],
+    "dmd2-4step-uneq6": ["teacher.path=gmm:uneq6", "student.steps=4"],
+    "dmd2-4step-recipe-uneq6": ["teacher.path=gmm:uneq6", "student.steps=4", "objective.backward_simulation=dmd2"],
     "dmd-1step": ["objective.name=dmd", "objective.critic_steps=1", "objective.reg_pairs=2048",
                   "objective.reg_ode_steps=100"],
     # flow teacher (rectified flow, velocity): DMD2 unchanged, and data-free flow maps with their ablations
@@ -111,18 +121,20 @@ def run(name: str, spec, steps, seed: int, out: Path) -> dict:
             "student_nfe": ev["student"]["nfe"], "energy_distance": ev["student"]["energy_distance"],
             "teacher_energy_distance": ev["teacher"]["energy_distance"], "energy_ratio": ev["energy_ratio"],
             "modes": f"{ev['student']['modes_covered']}/{ev['student']['num_modes']}",
-            "in_mode_frac": ev["student"]["in_mode_frac"], "endpoint_error": ev["endpoint_error"],
+            "in_mode_frac": ev["student"]["in_mode_frac"], "spread": ev["student"]["spread"],
+            "endpoint_error": ev["endpoint_error"],
             "flow_map_tracking": ev.get("flow_map_tracking")}
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| run | NFE | train steps | energy dist. | teacher ODE | / teacher ODE | modes | in-mode | endpoint err. "
-            "| train s |")
+    head = ("| run | NFE | train steps | energy dist. | teacher ODE | / teacher ODE | modes | in-mode | spread "
+            "| endpoint err. | train s |")
     out = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in rows:
         out.append(f"| {r['name']} | {r['student_nfe']} | {r['train_steps']} | {r['energy_distance']:.4f} | "
                    f"{r['teacher_energy_distance']:.4f} | {r['energy_ratio']:.2f} | {r['modes']} | "
-                   f"{r['in_mode_frac']:.3f} | {r['endpoint_error']:.3f} | {r['train_seconds']} |")
+                   f"{r['in_mode_frac']:.3f} | {r.get('spread', float('nan')):.2f} | {r['endpoint_error']:.3f} | "
+                   f"{r['train_seconds']} |")
     if rows:
         out.append(f"\nteacher: DDIM ODE 100 steps, energy distance {rows[0]['teacher_energy_distance']:.4f} "
                    "(the sampling floor at 5,000 samples)")

@@ -21,8 +21,10 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     f.add_argument("--ref", help="reference: a folder of images or a .npz statistics file")
     _generation_args(f, default_n=None, n_help="images to generate (default 5000) or, with --images, to score (default all)")
     _fid_args(f)
+    _diversity_args(f)
     f.add_argument("--save-ref-stats", default=None, metavar="FILE.npz",
-                   help="write the reference statistics (when --ref is a folder) for reuse")
+                   help="write the reference statistics (when --ref is a folder) for reuse; with --diversity "
+                        "they hold the reference's features too")
     f.add_argument("--save-stats", default=None, metavar="FILE.npz", help="write the scored set's statistics")
     f.add_argument("--json", default=None, help="result JSON (default OUT/fid.json when generating)")
 
@@ -44,6 +46,7 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     m.add_argument("--clip", default=None, help="also report CLIP score with this CLIP model")
     _generation_args(m, default_n=1000, steps=False)
     _fid_args(m)
+    _diversity_args(m)
     return ev
 
 
@@ -68,6 +71,47 @@ def _fid_args(p) -> None:
                    help="Frechet distance (and default Inception) from clean-fid or torchmetrics")
     p.add_argument("--ref-resize", type=int, default=None, metavar="N",
                    help="center-crop and resize reference images to N x N (photos of mixed sizes)")
+
+
+# fewstep.eval.diversity's DEFAULT_K_PR, DEFAULT_K_DC, DEFAULT_MAX_REF (not imported: the parser is built
+# for every fewstep command and must not import torch)
+DEFAULT_K_PR, DEFAULT_K_DC, DEFAULT_MAX_REF = 3, 5, 10000
+
+
+def _diversity_args(p) -> None:
+    p.add_argument("--diversity", action="store_true",
+                   help="also precision/recall (Kynkaanniemi et al. 2019) and density/coverage (Naeem et al. 2020) "
+                        "in the same features; needs the reference's features (an image folder, or a .npz "
+                        "written with --diversity --save-ref-stats)")
+    p.add_argument("--k-pr", type=int, default=DEFAULT_K_PR, metavar="K",
+                   help=f"neighbours for precision/recall (default {DEFAULT_K_PR})")
+    p.add_argument("--k-dc", type=int, default=DEFAULT_K_DC, metavar="K",
+                   help=f"neighbours for density/coverage (default {DEFAULT_K_DC})")
+    p.add_argument("--diversity-max-ref", type=int, default=DEFAULT_MAX_REF, metavar="N",
+                   help=f"use at most N reference features (a seeded random subset; default {DEFAULT_MAX_REF})")
+
+
+def _diversity_opts(args):
+    """Keyword arguments for fewstep.eval.diversity.diversity_vs_reference, or None without --diversity."""
+    if not args.diversity:
+        return None
+    from ..config import ConfigError
+
+    for name in ("k_pr", "k_dc", "diversity_max_ref"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    n = args.num_images or (DEFAULT_FID_IMAGES if getattr(args, "pipeline", None) else None)
+    if n is not None and n <= args.k_pr:  # fail before generating
+        raise ConfigError(f"--diversity with --k-pr {args.k_pr} needs more than {args.k_pr} images, "
+                          f"got --num-images {n}")
+    return {"k_pr": args.k_pr, "k_dc": args.k_dc, "max_ref": args.diversity_max_ref}
+
+
+def format_diversity(r: dict) -> str:
+    """One line: precision, recall, density, coverage and their k."""
+    d = r["diversity"]
+    return (f"precision {r['precision']:.4f}  recall {r['recall']:.4f}  (k={d['k_pr']})  density {r['density']:.4f}  "
+            f"coverage {r['coverage']:.4f}  (k={d['k_dc']}; {d['num_images']} images vs {d['num_ref']} reference)")
 
 
 # ---- handlers -------------------------------------------------------------------------------------
@@ -125,17 +169,22 @@ def cmd_fid(args) -> int:
 
     if not args.ref:
         raise DataError("--ref is required: a folder of reference images or a .npz statistics file")
+    div = _diversity_opts(args)
     ext = load_feature_extractor(args.feature_extractor, args.backend, _device(args))
     if not args.pipeline and not args.images and not args.save_ref_stats:
         raise DataError("nothing to score: pass --pipeline DIR or --images DIR (or --save-ref-stats FILE.npz "
                         "to only precompute the reference statistics)")
     # the reference first: a bad --ref fails before any image is generated
     ref_feats, stats = reference(args.ref, ext, resize=args.ref_resize, save_stats=args.save_ref_stats,
-                                 progress=not args.quiet)
+                                 progress=not args.quiet, save_features=div is not None)
     if not args.pipeline and not args.images:
         print(f"wrote reference statistics of {stats.num_images} images ({ext.name}) to {args.save_ref_stats}")
         return 0
     ref_cache = {(str(args.ref), ext.name, args.ref_resize): (ref_feats, stats)}
+    if div is not None:  # a .npz without features fails here, before any image is generated
+        from .diversity import reference_features
+
+        ref_cache[(str(args.ref), ext.name, args.ref_resize, "features")] = reference_features(args.ref, ref_feats)
     json_path = args.json
     extra = {}
     if args.pipeline:
@@ -149,10 +198,12 @@ def cmd_fid(args) -> int:
         extra = {"images": args.images}
     limit = None if args.pipeline else args.num_images
     result = fid(images, args.ref, ext, args.backend, limit=limit, ref_resize=args.ref_resize,
-                 save_stats=args.save_stats, progress=not args.quiet, ref_cache=ref_cache)
+                 save_stats=args.save_stats, progress=not args.quiet, ref_cache=ref_cache, diversity=div)
     result.update(extra)
     print(f"FID {result['fid']:.4f}  ({result['num_images']} images vs {result['num_ref_images']} reference; "
           f"features: {result['feature_extractor']}; backend: {result['backend']})")
+    if div is not None:
+        print(format_diversity(result))
     if "note" in result:
         print(f"note: {result['note']}")
     _write(result, json_path)
@@ -216,7 +267,10 @@ def cmd_compare(args) -> int:
     if not steps or min(steps) < 1:
         raise ConfigError(f"--teacher-steps must be positive integers, got {args.teacher_steps!r}")
     dev = _device(args)
-    suite = MetricSuite(backend=args.backend)
+    div = _diversity_opts(args)
+    if div is not None and not args.ref:
+        raise DataError("--diversity needs --ref (an image folder, or a .npz written with --diversity --save-ref-stats)")
+    suite = MetricSuite(backend=args.backend, diversity=div)
     if args.ref:
         from .features import load_feature_extractor
 

@@ -1,9 +1,10 @@
 """Quality vs cost: a teacher at 1..50 steps and students at their own steps, on the same seeds, one table.
 
 Every row generates the same ``num_images`` (image ``i`` from seed ``seed + i``, same prompt or class),
-then scores them with one :class:`MetricSuite` (FID against a reference, class accuracy when the
-feature network is a classifier and the pipeline class-conditional, CLIP score when a CLIP model is
-given).  NFE counts network evaluations per image (x2 per step under classifier-free guidance).
+then scores them with one :class:`MetricSuite` (FID against a reference, optionally precision / recall /
+density / coverage in the same features, class accuracy when the feature network is a classifier and the
+pipeline class-conditional, CLIP score when a CLIP model is given).  NFE counts network evaluations per
+image (x2 per step under classifier-free guidance).
 Outputs ``compare.json``, ``compare.md`` and ``compare.png`` (metric vs NFE, log-x).
 """
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Callable, Optional, Sequence
 from .generate import Generated, generate, open_pipeline, pipeline_kind, recommended
 
 DEFAULT_TEACHER_STEPS = (1, 2, 4, 8, 16, 32, 50)
+DIVERSITY_COLUMNS = ("precision", "recall", "density", "coverage")  # = fewstep.eval.diversity.DIVERSITY_KEYS
+COLUMNS = ("digits_fid", "fid", *DIVERSITY_COLUMNS, "class_accuracy", "clip_score")  # table order
 
 
 @dataclass
@@ -29,6 +32,7 @@ class MetricSuite:
     backend: str = "clean-fid"
     clip: object = None  # CLIPScorer
     fid_name: str = "fid"  # key of the FID column (e.g. "digits_fid")
+    diversity: Optional[dict] = None  # precision/recall/density/coverage: diversity_vs_reference kwargs ({} = defaults)
     _ref_cache: dict = field(default_factory=dict)
 
     def prepare(self) -> None:
@@ -39,14 +43,20 @@ class MetricSuite:
             key = (str(self.ref), self.extractor.name, None)
             if key not in self._ref_cache:
                 self._ref_cache[key] = reference(str(self.ref), self.extractor, progress=False)
+            if self.diversity is not None and (*key, "features") not in self._ref_cache:
+                from .diversity import reference_features
+
+                self._ref_cache[(*key, "features")] = reference_features(str(self.ref), self._ref_cache[key][0])
 
     def __call__(self, gen: Generated) -> dict:
         from .fid import fid
 
         out = {}
         if self.extractor is not None and self.ref:
-            r = fid(gen.images, self.ref, self.extractor, self.backend, progress=False, ref_cache=self._ref_cache)
+            r = fid(gen.images, self.ref, self.extractor, self.backend, progress=False, ref_cache=self._ref_cache,
+                    diversity=self.diversity)
             out[self.fid_name] = r["fid"]
+            out.update({k: r[k] for k in (*DIVERSITY_COLUMNS, "diversity") if k in r})
             out["feature_extractor"] = r["feature_extractor"]
         if self.extractor is not None and gen.labels is not None and getattr(self.extractor, "num_classes", 0):
             from .digits import class_accuracy
@@ -83,7 +93,7 @@ def _row(name: str, path: str, pipe, steps: int, guidance, suite: MetricSuite, n
 
 def format_row(row: dict) -> str:
     parts = [f"{row['model']:>10} {row['steps']:>3} steps (NFE {row['nfe']:>3})"]
-    for k in ("digits_fid", "fid", "class_accuracy", "clip_score"):
+    for k in COLUMNS:
         if k in row:
             parts.append(f"{k} {row[k]:.4g}")
     parts.append(f"{row['sec_per_image'] * 1000:.2f} ms/image")
@@ -159,8 +169,9 @@ def main_metric(rows: list) -> Optional[str]:
 def markdown(result: dict) -> str:
     rows = result["rows"]
     cols = [("model", "model", str), ("steps", "steps", str), ("nfe", "NFE", str)]
-    labels = {"digits_fid": "digits-FID", "fid": "FID", "class_accuracy": "class acc.", "clip_score": "CLIP score"}
-    for k in ("digits_fid", "fid", "class_accuracy", "clip_score"):
+    labels = {"digits_fid": "digits-FID", "fid": "FID", "class_accuracy": "class acc.", "clip_score": "CLIP score",
+              **{k: k for k in DIVERSITY_COLUMNS}}
+    for k in COLUMNS:
         if any(k in r for r in rows):
             cols.append((k, labels[k], lambda v: f"{v:.4f}" if isinstance(v, float) else "-"))
     cols.append(("sec_per_image", "ms / image", lambda v: f"{v * 1000:.2f}"))
@@ -168,6 +179,11 @@ def markdown(result: dict) -> str:
     lines = [head, "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
         lines.append("| " + " | ".join(fmt(r[k]) if k in r else "-" for k, _, fmt in cols) + " |")
+    div = next((r["diversity"] for r in rows if "diversity" in r), None)
+    if div:
+        lines.append(f"\nprecision / recall: k={div['k_pr']} nearest neighbours (Kynkaanniemi et al. 2019); density / "
+                     f"coverage: k={div['k_dc']} (Naeem et al. 2020); {div['num_images']} images per row vs "
+                     f"{div['num_ref']} reference features.")
     for s in result.get("speedups", []):
         m = labels.get(s["metric"], s["metric"])
         if s["teacher_at_least_as_good"]:

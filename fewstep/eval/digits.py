@@ -4,7 +4,10 @@
   dropout to the null class for CFG) trained by denoising score matching, saved as a
   :class:`~pipelines.class_conditional.ClassConditionalPipeline` folder with a DDIM scheduler.
 * **classifier**: a small CNN (:class:`DigitsCNN`); its 64-d penultimate layer is the feature space of
-  "digits-FID" (Fréchet distance to the 1,797 real digits) and its predictions give class accuracy.
+  "digits-FID" (Fréchet distance to the 1,797 real digits) and of precision / recall / density / coverage
+  against the same digits (:mod:`fewstep.eval.diversity`), and its predictions give class accuracy.
+* **students**: one row per (label, config file, overrides) (:class:`StudentRow`); by default DMD2 1 and 4
+  steps and Phased DMD 2 and 4 steps, a row whose config file does not exist being skipped with a message.
 
 Both are trained with fixed seeds on first use and cached under ``$FEWSTEP_CACHE/digits`` (default
 ``~/.cache/fewstep/digits``); no weights ship with fewstep.  Images are stored as uint8 like every image
@@ -18,7 +21,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -170,16 +173,18 @@ def reference_stats_path(classifier: Path) -> Path:
 
 
 def ensure_reference_stats(classifier: Path, log: Callable = print) -> Path:
-    """digits-FID reference statistics: the classifier's features of all 1,797 real digits (cached .npz)."""
+    """digits-FID reference: the classifier's features of all 1,797 real digits, their statistics and the
+    features themselves (for precision / recall / density / coverage), as a cached .npz."""
     from .features import load_feature_extractor
-    from .fid import FeatureStats
+    from .fid import FeatureStats, load_stats_features
 
     path = reference_stats_path(classifier)
-    if path.is_file():
+    if path.is_file() and load_stats_features(path) is not None:  # older caches hold no features: rewrite
         return path
     ext = load_feature_extractor(str(classifier))
     x, _ = load_digits_uint8()
-    FeatureStats.from_features(ext(to_rgb(x)), ext.name).save(path)
+    feats = ext(to_rgb(x))
+    FeatureStats.from_features(feats, ext.name).save(path, features=feats)
     log(f"digits reference statistics -> {path}")
     return path
 
@@ -319,6 +324,50 @@ def data_floor(extractor, ref_stats: Path, n: int, seed: int = 0) -> float:
     return frechet_distance(extractor(to_rgb(x[idx])), FeatureStats.load(ref_stats))
 
 
+def diversity_floor(extractor, seed: int = 0, **kw) -> dict:
+    """Precision / recall / density / coverage of one random half of the real digits against the other half:
+    what real data scores at this sample size (the two halves are disjoint, unlike a subset vs all digits)."""
+    from .diversity import diversity_vs_reference
+
+    x, _ = load_digits_uint8()
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    feats = extractor(to_rgb(x))
+    half = len(x) // 2
+    return diversity_vs_reference(feats[idx[:half].numpy()], feats[idx[half:].numpy()], **kw)
+
+
+@dataclass(frozen=True)
+class StudentRow:
+    """One student of the benchmark: table label, distillation config (relative to the repository root, or
+    absolute) and dotted overrides (``student.steps=4``, ...)."""
+
+    label: str
+    config: str
+    overrides: tuple = ()
+
+    def config_path(self) -> Path:
+        p = Path(self.config).expanduser()
+        return p if p.is_absolute() else ROOT / p
+
+
+DEFAULT_ROWS = (
+    StudentRow("dmd2-1step", "configs/digits_dmd2.yaml", ("student.steps=1",)),
+    StudentRow("dmd2-4step", "configs/digits_dmd2.yaml", ("student.steps=4",)),
+    StudentRow("phased_dmd-2step", "configs/digits_phased_dmd.yaml", ("student.steps=2",)),
+    StudentRow("phased_dmd-4step", "configs/digits_phased_dmd.yaml", ("student.steps=4",)),
+)
+
+
+def parse_row(spec: str) -> StudentRow:
+    """``"LABEL CONFIG [KEY=VALUE ...]"`` (whitespace-separated) -> :class:`StudentRow`."""
+    from ..config import ConfigError
+
+    parts = spec.split()
+    if len(parts) < 2 or any("=" not in o for o in parts[2:]):
+        raise ConfigError(f"a benchmark row is 'LABEL CONFIG [KEY=VALUE ...]', got {spec!r}")
+    return StudentRow(parts[0], parts[1], tuple(parts[2:]))
+
+
 def _one_thread_env() -> dict:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
@@ -363,19 +412,39 @@ def ensure_teacher_and_classifier(teacher_cfg: TeacherConfig = TeacherConfig(), 
     return teacher, ensure_classifier(log=log)
 
 
-def run_benchmark(out_dir: str = "runs/bench_digits", student_steps=(1, 4), train_steps: Optional[int] = None,
-                  num_images: int = 1000, teacher_steps=(1, 2, 4, 8, 16, 32, 50), config: Optional[str] = None,
+def run_benchmark(out_dir: str = "runs/bench_digits", student_steps: Optional[Sequence[int]] = None,
+                  train_steps: Optional[int] = None, num_images: int = 1000,
+                  teacher_steps=(1, 2, 4, 8, 16, 32, 50), config: Optional[str] = None,
                   overrides: Optional[list] = None, teacher_cfg: TeacherConfig = TeacherConfig(),
-                  log: Callable = print, progress: bool = True) -> dict:
-    """Teacher + classifier (cached), DMD2 students, then the comparison table; writes OUT/benchmark.json.
+                  log: Callable = print, progress: bool = True, rows: Optional[Sequence[StudentRow]] = None,
+                  jobs: int = 2, diversity: Optional[dict] = None) -> dict:
+    """Teacher + classifier (cached), the students of ``rows``, then the comparison table (digits-FID,
+    precision, recall, density, coverage, class accuracy, time per image; same seeds for every row);
+    writes OUT/{compare.md,compare.png,compare.json,benchmark.json}.
+
+    ``rows``: :class:`StudentRow` s (default :data:`DEFAULT_ROWS`); a row whose config file does not exist is
+    skipped with a message.  ``student_steps`` (the older form): DMD2 rows of ``config`` (default
+    ``configs/digits_dmd2.yaml``) at these step counts.  ``train_steps`` and ``overrides`` apply to every
+    row; ``diversity``: keyword arguments of :func:`~fewstep.eval.diversity.diversity_vs_reference`.
 
     CPU scheduling: every process uses one thread (PyTorch's intra-op threads lose badly on a shared
-    CPU), and independent jobs run two at a time -- classifier beside teacher, the DMD2 students side by
-    side -- so two cores are used without oversubscription.  The comparison runs alone (clean timings).
+    CPU), and independent jobs run ``jobs`` (2) at a time -- classifier beside teacher, the students two
+    by two -- so two cores are used without oversubscription.  The comparison runs alone (clean timings).
     """
     from .compare import MetricSuite, compare, markdown, write_outputs
     from .features import load_feature_extractor
 
+    if rows is None:
+        if student_steps is not None or config is not None:
+            cfg_file = str(config or DEFAULT_CONFIG)
+            rows = [StudentRow(f"dmd2-{k}step", cfg_file, (f"student.steps={k}",)) for k in (student_steps or (1, 4))]
+        else:
+            rows = DEFAULT_ROWS
+    labels = [r.label for r in rows]
+    if len(set(labels)) != len(labels):
+        from ..config import ConfigError
+
+        raise ConfigError(f"benchmark row labels must be unique, got {labels}")
     torch.set_num_threads(1)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -384,28 +453,49 @@ def run_benchmark(out_dir: str = "runs/bench_digits", student_steps=(1, 4), trai
     teacher, clf = ensure_teacher_and_classifier(teacher_cfg, log=log, log_dir=out / "logs")
     times["teacher_and_classifier_s"] = time.perf_counter() - t0
     ref = ensure_reference_stats(clf, log=log)
+    skipped, todo = [], []
+    for row in rows:
+        if row.config_path().is_file():
+            todo.append(row)
+        else:
+            msg = f"skipping row {row.label}: config {row.config} does not exist"
+            log(msg)
+            skipped.append({"label": row.label, "config": row.config, "reason": msg})
     t0 = time.perf_counter()
-    jobs, students = [], []
-    for k in student_steps:
-        run = out / f"dmd2_{k}step"
-        ov = [f"teacher.path={teacher}", f"student.steps={k}", f"output_dir={run}", *(overrides or [])]
-        if train_steps:
-            ov.append(f"train.max_steps={train_steps}")
-        log(f"DMD2 {k}-step student -> {run} (log: {out / 'logs' / f'dmd2_{k}step.log'})")
-        jobs.append((k, *_spawn(["-m", "fewstep", "distill", str(config or DEFAULT_CONFIG), *ov],
-                                out / "logs" / f"dmd2_{k}step.log")))
-        students.append(str(run / "pipeline"))
-    for k, proc, fh in jobs:
-        _wait(proc, fh, f"DMD2 {k}-step distillation", out / "logs" / f"dmd2_{k}step.log")
-        times[f"dmd2_{k}step_s"] = time.perf_counter() - t0  # both ran side by side from t0
+    running, students, names = [], [], []
+    try:
+        for row in todo:  # at most `jobs` distillations at a time, one thread each
+            while len(running) >= max(1, jobs):
+                _finish_first(running, times)
+            run = out / row.label
+            ov = [f"teacher.path={teacher}", *row.overrides, f"output_dir={run}", *(overrides or [])]
+            if train_steps:
+                ov.append(f"train.max_steps={train_steps}")
+            log_file = out / "logs" / f"{row.label}.log"
+            log(f"{row.label} student ({row.config} {' '.join(row.overrides)}) -> {run} (log: {log_file})")
+            running.append((row.label, time.perf_counter(), log_file,
+                            *_spawn(["-m", "fewstep", "distill", str(row.config_path()), *ov], log_file)))
+            students.append(str(run / "pipeline"))
+            names.append(row.label)
+        while running:
+            _finish_first(running, times)
+    finally:  # a failed (or interrupted) row stops the others
+        for _, _, _, proc, fh in running:
+            proc.terminate()
+            proc.wait()
+            fh.close()
     times["students_s"] = time.perf_counter() - t0
     ext = load_feature_extractor(str(clf))
-    suite = MetricSuite(extractor=ext, ref=str(ref), fid_name="digits_fid")
+    div = dict(diversity or {})
+    suite = MetricSuite(extractor=ext, ref=str(ref), fid_name="digits_fid", diversity=div)
     t0 = time.perf_counter()
     res = compare(str(teacher), students, suite, num_images, teacher_steps, seed=0, batch_size=250,
-                  student_names=[f"dmd2-{k}step" for k in student_steps], log=log, progress=progress)
+                  student_names=names, log=log, progress=progress)
     times["eval_s"] = time.perf_counter() - t0
+    res["rows_spec"] = [{"label": r.label, "config": r.config, "overrides": list(r.overrides)} for r in todo]
+    res["skipped"] = skipped
     res["data_floor_digits_fid"] = data_floor(ext, ref, num_images)
+    res["data_floor_diversity"] = diversity_floor(ext, **div)
     res["floor"] = {"digits_fid": res["data_floor_digits_fid"], "label": f"{num_images} real digits"}
     t50 = next((r for r in res["rows"] if r["model"] == "teacher" and r["steps"] == max(teacher_steps)), None)
     s1 = next((r for r in res["rows"] if r["model"] == "dmd2-1step"), None)
@@ -415,14 +505,31 @@ def run_benchmark(out_dir: str = "runs/bench_digits", student_steps=(1, 4), trai
     res["timings"] = times
     res["classifier"] = str(clf)
     paths = write_outputs(res, out)
+    fl = res["data_floor_diversity"]
     md = markdown(res) + (f"\nReal-data floor: {num_images} real digits vs the reference, digits-FID "
-                          f"{res['data_floor_digits_fid']:.4f}.\n")
+                          f"{res['data_floor_digits_fid']:.4f}; one half of the real digits vs the other half: "
+                          f"precision {fl['precision']:.4f}, recall {fl['recall']:.4f}, density "
+                          f"{fl['density']:.4f}, coverage {fl['coverage']:.4f}.\n")
     if "goal" in res:
         g = res["goal"]
         md += (f"Goal (DMD2 1-step within 1.2x of the teacher's {max(teacher_steps)}-step digits-FID): ratio "
                f"{g['dmd2_1step_over_teacher_50step']:.2f} -> {'met' if g['met'] else 'NOT met'}.\n")
+    for sk in skipped:
+        md += f"Skipped: {sk['reason']}.\n"
     (out / "compare.md").write_text(md)
     (out / "benchmark.json").write_text(json.dumps(res, indent=2, default=str))
     res["markdown"] = md
     res["paths"] = paths
     return res
+
+
+def _finish_first(running: list, times: dict) -> None:
+    """Wait for the first of ``running`` (label, start, log, proc, fh) jobs to end; record its time."""
+    while True:
+        for i, (label, start, log_file, proc, fh) in enumerate(running):
+            if proc.poll() is not None:
+                running.pop(i)
+                _wait(proc, fh, f"{label} distillation", log_file)
+                times[f"{label}_s"] = time.perf_counter() - start
+                return
+        time.sleep(1.0)

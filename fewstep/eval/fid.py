@@ -8,7 +8,8 @@ clean-fid (``cleanfid.fid.frechet_distance``, scipy ``sqrtm``) or by torchmetric
 
 Reference statistics are saved as ``.npz`` (``mu``, ``sigma``, ``num_images``, ``feature_extractor``;
 clean-fid's own ``.npz`` files, which hold only ``mu`` and ``sigma``, load too) and refused when they
-were made with a different feature network.
+were made with a different feature network.  They may also hold the reference's ``features`` (float32),
+which precision / recall / density / coverage (:mod:`fewstep.eval.diversity`) need.
 """
 from __future__ import annotations
 
@@ -43,13 +44,15 @@ class FeatureStats:
             raise DataError(f"FID needs at least 2 images, got {len(feats)}")
         return cls(feats.mean(0), np.cov(feats, rowvar=False), len(feats), feature_extractor)
 
-    def save(self, path) -> Path:
+    def save(self, path, features: Optional[np.ndarray] = None) -> Path:
+        """Write ``.npz`` statistics; ``features`` ``(N, D)`` are stored too (float32) when given."""
         p = Path(path)
         if p.suffix != ".npz":
             raise DataError(f"statistics files end in .npz, got {path}")
         p.parent.mkdir(parents=True, exist_ok=True)
+        extra = {} if features is None else {"features": np.asarray(features, dtype=np.float32)}
         np.savez(p, mu=self.mu, sigma=self.sigma, num_images=np.int64(self.num_images),
-                 feature_extractor=np.str_(self.feature_extractor))
+                 feature_extractor=np.str_(self.feature_extractor), **extra)
         return p
 
     @classmethod
@@ -74,6 +77,15 @@ class FeatureStats:
         if self.feature_extractor and extractor_name and self.feature_extractor != extractor_name:
             raise DataError(f"{what} were computed with feature network '{self.feature_extractor}', not "
                             f"'{extractor_name}'; recompute them or pass the same --feature-extractor")
+
+
+def load_stats_features(path) -> Optional[np.ndarray]:
+    """The ``features`` array of a ``.npz`` statistics file (float64), or None when it holds none."""
+    try:
+        with np.load(Path(path), allow_pickle=False) as d:
+            return np.asarray(d["features"], np.float64) if "features" in d else None
+    except Exception as e:
+        raise DataError(f"cannot read statistics file {path}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
 
 
 # ---- the distance --------------------------------------------------------------------------------
@@ -167,8 +179,11 @@ def features_of(images, extractor: FeatureExtractor, batch_size: int = 64, limit
 
 
 def reference(ref: str, extractor: FeatureExtractor, batch_size: int = 64, resize: Optional[int] = None,
-              save_stats: Optional[str] = None, progress: bool = True):
-    """``(features or None, stats)`` of ``ref``: a folder of images or a ``.npz`` statistics file."""
+              save_stats: Optional[str] = None, progress: bool = True, save_features: bool = False):
+    """``(features or None, stats)`` of ``ref``: a folder of images or a ``.npz`` statistics file.
+
+    ``save_features``: also store the features in ``save_stats`` (for precision / recall / density / coverage).
+    """
     if not ref:
         raise DataError("--ref is required: a folder of reference images or a .npz statistics file")
     p = Path(ref)
@@ -183,16 +198,19 @@ def reference(ref: str, extractor: FeatureExtractor, batch_size: int = 64, resiz
     feats = features_of(str(p), extractor, batch_size, resize=resize, progress=progress, desc="reference features")
     stats = FeatureStats.from_features(feats, extractor.name)
     if save_stats:
-        stats.save(save_stats)
+        stats.save(save_stats, feats if save_features else None)
     return feats, stats
 
 
 def fid(images, ref, extractor: FeatureExtractor, backend: str = "clean-fid", batch_size: int = 64,
         limit: Optional[int] = None, ref_resize: Optional[int] = None, save_ref_stats: Optional[str] = None,
-        save_stats: Optional[str] = None, progress: bool = True, ref_cache: Optional[dict] = None) -> dict:
+        save_stats: Optional[str] = None, progress: bool = True, ref_cache: Optional[dict] = None,
+        diversity: Optional[dict] = None) -> dict:
     """FID of ``images`` (uint8 tensor or folder) against ``ref`` (folder or ``.npz``); a JSON-ready dict.
 
     ``ref_cache``: a dict reused across calls so a reference folder is featurised once.
+    ``diversity``: also precision, recall, density and coverage in the same features, with these keyword
+    arguments of :func:`fewstep.eval.diversity.diversity_vs_reference` (``{}`` for the defaults: k = 3 and 5).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown FID backend {backend!r}; choose {' or '.join(BACKENDS)}")
@@ -200,7 +218,8 @@ def fid(images, ref, extractor: FeatureExtractor, backend: str = "clean-fid", ba
     if ref_cache is not None and key in ref_cache:
         ref_feats, ref_stats = ref_cache[key]
     else:
-        ref_feats, ref_stats = reference(str(ref), extractor, batch_size, ref_resize, save_ref_stats, progress)
+        ref_feats, ref_stats = reference(str(ref), extractor, batch_size, ref_resize, save_ref_stats, progress,
+                                         save_features=diversity is not None)
         if ref_cache is not None:
             ref_cache[key] = (ref_feats, ref_stats)
     feats = features_of(images, extractor, batch_size, limit, progress=progress, desc="image features")
@@ -213,6 +232,17 @@ def fid(images, ref, extractor: FeatureExtractor, backend: str = "clean-fid", ba
     if len(feats) <= feats.shape[1]:
         out["note"] = (f"only {len(feats)} images for {feats.shape[1]}-d features: the covariance is singular and "
                        "FID is strongly biased; use more images")
+    if diversity is not None:
+        from .diversity import diversity_vs_reference, reference_features
+
+        fkey = (*key, "features")
+        if ref_cache is not None and fkey in ref_cache:
+            real = ref_cache[fkey]
+        else:
+            real = reference_features(str(ref), ref_feats)
+            if ref_cache is not None:
+                ref_cache[fkey] = real
+        out.update(diversity_vs_reference(feats, real, **diversity))
     return out
 
 

@@ -7,6 +7,7 @@ def _import_builtins():
     from . import consistency  # noqa: F401
     from . import boot  # noqa: F401
     from . import flow_map  # noqa: F401
+    from . import phased_dmd  # noqa: F401
 
 
 _load_all = _import_builtins()

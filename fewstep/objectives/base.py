@@ -131,6 +131,14 @@ class Objective:
     def setup(self, run_dir, accelerator) -> None:
         """One-time work before training (e.g. caching teacher ODE pairs); default none."""
 
+    def set_max_steps(self, max_steps: int) -> None:
+        """The run's ``train.max_steps`` (objectives with a step curriculum, e.g. phases); default ignores it."""
+
+    def reset_groups(self, step: int) -> list[str]:
+        """Groups whose weights the objective has just re-initialised at the start of ``step`` (e.g. a new
+        phase's critic); the trainer then clears their optimizer state.  A pure function of ``step``."""
+        return []
+
     def wants_real(self, step: int) -> bool:
         """Whether this step's batches need real samples."""
         return self.needs_real_data

@@ -6,7 +6,9 @@ Generator gradient (Algorithm 1 of DMD): ``(D_F(x_t) - D_T(x_t)) / mean|x - D_T(
 ``t ~ U(min_t, max_t)``, teacher with CFG, critic without.
 DMD adds a regression loss on teacher ODE pairs cached at start-up; DMD2 drops it, updates the critic
 every step and the student every ``critic_steps`` (two time-scale rule), optionally adds a GAN head on
-the critic's bottleneck features, and trains multi-step students with backward simulation.
+the critic's bottleneck features, and trains multi-step students with backward simulation: by default
+(``backward_simulation=per_exit``) with one critic per exit, so that every exit's output distribution is
+matched to the data; ``dmd2`` is the published rule (a random exit, one critic for the mixture of exits).
 """
 from __future__ import annotations
 
@@ -59,6 +61,8 @@ class Critic(nn.Module):
     trains the critic goes through this ``forward``.
     """
 
+    num_exits = 1  # one critic for every exit of a multi-step student (see ExitCritics)
+
     def __init__(self, denoiser: nn.Module, head: Optional[GANHead] = None):
         super().__init__()
         self.denoiser = denoiser
@@ -68,7 +72,10 @@ class Critic(nn.Module):
     def schedule(self):
         return self.denoiser.schedule
 
-    def forward(self, x_t, t, cond, return_native: bool = False, with_logits: bool = False):
+    def forward(self, x_t, t, cond, return_native: bool = False, with_logits: bool = False,
+                exit: Optional[Tensor] = None):
+        """x0 (and the native prediction, and GAN logits) of the fake score; ``exit`` is accepted and ignored
+        (one critic for every exit: the DMD2 recipe)."""
         if with_logits:
             if self.head is None:
                 raise ValueError("critic has no GAN head (objective.gan_weight is 0)")
@@ -76,6 +83,62 @@ class Critic(nn.Module):
             logits = self.head(feats.float())
             return (x0, native, logits) if return_native else (x0, logits)
         return self.denoiser(x_t, t, cond, return_native=return_native)
+
+
+class ExitCritics(nn.Module):
+    """One :class:`Critic` per exit of a multi-step student's backward simulation, as one module (one group).
+
+    ``forward(..., exit=k)`` (a per-sample LongTensor of exit indices) routes each sample to critic ``k``, so
+    critic ``k`` is trained only on exit ``k``'s outputs and the DM gradient at exit ``k`` uses its score: each
+    exit's own distribution must match the data (``objective.backward_simulation=per_exit``).  Memory: ``K``
+    critics (and their optimizer state) instead of one.
+    """
+
+    def __init__(self, critics: list[Critic]):
+        super().__init__()
+        if not critics:
+            raise ValueError("ExitCritics needs at least one critic")
+        self.critics = nn.ModuleList(critics)
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.critics)
+
+    @property
+    def schedule(self):
+        return self.critics[0].schedule
+
+    @property
+    def denoiser(self):
+        """Exit 0's denoiser (its prediction kind and schedule are every exit's)."""
+        return self.critics[0].denoiser
+
+    def forward(self, x_t, t, cond, return_native: bool = False, with_logits: bool = False,
+                exit: Optional[Tensor] = None):
+        if exit is None:
+            raise ValueError("per-exit critics need the exit index of every sample (exit=LongTensor of shape (B,))")
+        outs = None
+        for k in range(self.num_exits):
+            idx = (exit == k).nonzero().squeeze(1)
+            if idx.numel() == 0:
+                continue
+            o = self.critics[k](x_t[idx], t[idx], cond[idx], return_native=return_native, with_logits=with_logits)
+            o = o if isinstance(o, tuple) else (o,)
+            if outs is None:
+                outs = [v.new_zeros((x_t.shape[0], *v.shape[1:])) for v in o]
+            for buf, v in zip(outs, o):
+                buf.index_copy_(0, idx, v)
+        if outs is None or bool(((exit < 0) | (exit >= self.num_exits)).any()):
+            raise ValueError(f"exit indices must lie in [0, {self.num_exits}), got {sorted(set(exit.tolist()))}")
+        return tuple(outs) if len(outs) > 1 else outs[0]
+
+
+BACKWARD_SIMULATION = {  # objective.backward_simulation values -> (exit rule, one critic per exit)
+    "per_exit": ("stratified", True),  # each exit matched to the data by its own critic (default)
+    "dmd2": ("random", False),  # DMD2 (Yin et al. 2024, Sec. 4.5): random exit, one shared critic
+    "random": ("random", False),  # alias of "dmd2"
+    "last": ("last", False),  # train only the last exit
+}
 
 
 @dataclass
@@ -93,7 +156,10 @@ class DMD2Config(ObjectiveConfig):
     reg_pairs: int = 1024  # number of cached (noise, teacher ODE sample) pairs
     reg_ode_steps: int = 50  # teacher DDIM steps used to make the pairs
     critic_t_min: float = 0.001  # critic denoising time range (all t)
-    backward_simulation: str = "random"  # multi-step exit: "random" grid step (DMD2) or always the "last"
+    # multi-step students (backward simulation): "per_exit" (a random exit per sample, one critic per exit),
+    # "dmd2" (alias "random": a random exit, one critic for all exits, the published recipe) or "last" (always
+    # the last exit); see BACKWARD_SIMULATION
+    backward_simulation: str = "per_exit"
 
 
 @dataclass
@@ -115,13 +181,22 @@ class DMD2(Objective):
             raise ValueError(f"objective.min_t/max_t must satisfy 0 <= min_t < max_t <= 1, got {c.min_t}, {c.max_t}")
         if c.critic_steps < 1:
             raise ValueError(f"objective.critic_steps must be >= 1, got {c.critic_steps}")
-        if c.backward_simulation not in ("random", "last"):
-            raise ValueError(f"objective.backward_simulation must be 'random' or 'last', got {c.backward_simulation!r}")
+        if c.backward_simulation not in BACKWARD_SIMULATION:
+            raise ValueError(f"objective.backward_simulation must be one of {', '.join(BACKWARD_SIMULATION)}; "
+                             f"got {c.backward_simulation!r}")
+        self.exit_rule, per_exit = BACKWARD_SIMULATION[c.backward_simulation]
         if c.gan_weight < 0 or c.reg_weight < 0:
             raise ValueError("objective.gan_weight and objective.reg_weight must be >= 0")
         self.student = teacher.new_network("student")
-        head = GANHead(teacher.feature_channels) if c.gan_weight > 0 else None
-        self.critic = Critic(teacher.new_network("critic"), head)
+
+        def one_critic():
+            head = GANHead(teacher.feature_channels) if c.gan_weight > 0 else None  # before the network (same init)
+            return Critic(teacher.new_network("critic"), head)
+
+        if per_exit and self.steps > 1:
+            self.critic = ExitCritics([one_critic() for _ in range(self.steps)])
+        else:  # a 1-step student has one exit: every rule is plain DMD2
+            self.critic = one_critic()
         self.guidance = teacher.guidance_scale if c.guidance_scale is None else float(c.guidance_scale)
         self.disc_weight = 2 * c.gan_weight if c.gan_disc_weight is None else c.gan_disc_weight
         self.reg: Optional[dict] = None
@@ -147,26 +222,49 @@ class DMD2(Objective):
 
     # ---- student rollout (backward simulation) --------------------------------------------------
     def _rollout_input(self, student_plain, batch: Batch, cond: Condition):
-        """Noise, or for a multi-step student a state at a random grid time reached by the student itself.
+        """(input, time) of :meth:`_backward_simulation` (without the exit indices)."""
+        return self._backward_simulation(student_plain, batch, cond)[:2]
 
-        Backward simulation (DMD2 Sec. 4.5): run the student ``k`` steps from noise without grad,
-        re-noise its x0 to ``times[k]``, and train there.  ``k`` is a random grid step (``random``, as in
-        DMD2) or always the last one (``last``).  With ``random`` the critic models the *mixture* of all
-        exits' outputs; on the GMM benchmark a 2-step student then settles where the exits compensate
-        each other (each collapsed, the mixture right), which ``last`` avoids (see README, Benchmarks).
+    def _backward_simulation(self, student_plain, batch: Batch, cond: Condition):
+        """Noise, or for a multi-step student a state at a grid time reached by the student itself.
+
+        Backward simulation (DMD2 Sec. 4.5): run the student ``k`` steps from noise without grad, re-noise
+        its x0 to ``times[k]``, and train there.  Exit rules (``objective.backward_simulation``):
+        ``dmd2``/``random``: one random ``k`` per micro-batch (DMD2); ``last``: always ``K - 1``;
+        ``per_exit``: exits stratified over the batch, sample ``i`` at ``(offset + i) % K`` with a random
+        offset (a random exit when the micro-batch is smaller than ``K``), each exit with its own critic.
+        With one shared critic (``dmd2``) the critic models the *mixture* of all exits' outputs, and the DM
+        gradient only asks that mixture to match the data: the exits can settle where they compensate each
+        other (each collapsed or too wide, the mixture right).  Per-exit critics ask it of every exit.
+        Returns ``(x, t, exit)``, ``exit`` a (B,) LongTensor of exit indices.
         """
-        x = batch.randn((batch.size, *self.teacher.sample_shape))
-        k = batch.randint(self.steps) if self.steps > 1 else 0  # drawn in both modes: same noise stream
-        if self.config.backward_simulation == "last":
+        n, dev = batch.size, batch.device
+        x = batch.randn((n, *self.teacher.sample_shape))
+        k = batch.randint(self.steps) if self.steps > 1 else 0  # drawn in every mode: same noise stream
+        if self.exit_rule == "last":
             k = self.steps - 1
-        if k:
-            with torch.no_grad():
-                for i in range(k):
-                    t = torch.full((batch.size,), self.times[i], device=batch.device)
-                    x0 = student_plain(x, t, cond)
-                    eps = batch.randn(x0.shape)
-                    x = self.teacher.schedule.add_noise(x0, eps, torch.full_like(t, self.times[i + 1]))
-        return x, torch.full((batch.size,), self.times[k], device=batch.device)
+        if self.exit_rule == "stratified":
+            exits = (k + torch.arange(n)) % self.steps
+        else:
+            exits = torch.full((n,), k, dtype=torch.long)
+        top = int(exits.max()) if n else 0  # the deepest exit (on the CPU: no device sync)
+        exits = exits.to(dev)
+        times = torch.tensor(self.times, device=dev)
+        with torch.no_grad():
+            for i in range(top):
+                eps = batch.randn(x.shape)  # the whole batch's noise each step: the stream does not depend on exits
+                go = (exits > i).nonzero().squeeze(1)
+                if len(go) == n:
+                    x = self._renoised_step(student_plain, x, eps, cond, i)
+                else:
+                    x = x.index_copy(0, go, self._renoised_step(student_plain, x[go], eps[go], cond[go], i))
+        return x, times[exits], exits
+
+    def _renoised_step(self, student_plain, x, eps, cond, i: int):
+        """One student step from ``times[i]``: its x0, re-noised with ``eps`` to ``times[i + 1]``."""
+        t = torch.full((x.shape[0],), self.times[i], device=x.device)
+        x0 = student_plain(x, t, cond)
+        return self.teacher.schedule.add_noise(x0, eps, torch.full_like(t, self.times[i + 1]))
 
     def _noised(self, x0: Tensor, batch: Batch, lo: float, hi: float):
         t = lo + (hi - lo) * batch.rand(x0.shape[0])
@@ -185,7 +283,7 @@ class DMD2(Objective):
         c = self.config
         student, critic = nets["student"], nets["critic"]
         plain = _plain(student)
-        x_in, t_in = self._rollout_input(plain, batch, batch.cond)
+        x_in, t_in, exits = self._backward_simulation(plain, batch, batch.cond)
         cond = batch.cond
         n_reg = 0
         if self.reg is not None:  # one forward over [main batch, regression pairs] (one DDP forward per step)
@@ -202,7 +300,7 @@ class DMD2(Objective):
         xt, t, _ = self._noised(x, batch, c.min_t, c.max_t)
         with torch.no_grad():
             real = self.teacher(xt.detach(), t, batch.cond, guidance_scale=self.guidance)
-            fake = _plain(critic)(xt.detach(), t, batch.cond)
+            fake = _plain(critic)(xt.detach(), t, batch.cond, exit=exits)
         loss_dm, grad = losses.dm_loss(x, real, fake)
         total = c.dm_weight * loss_dm
         logs["loss_dm"] = loss_dm.item()
@@ -216,7 +314,7 @@ class DMD2(Objective):
             xg, tg, _ = self._noised(x, batch, c.critic_t_min, 1.0)
             crit = _plain(critic)
             with frozen(crit):
-                _, logits = crit(xg, tg, batch.cond, with_logits=True)
+                _, logits = crit(xg, tg, batch.cond, with_logits=True, exit=exits)
             loss_g = losses.gan_generator_loss(logits)
             total = total + c.gan_weight * loss_g
             logs["loss_gan_g"] = loss_g.item()
@@ -227,7 +325,7 @@ class DMD2(Objective):
         c = self.config
         student, critic = _plain(nets["student"]), nets["critic"]
         with torch.no_grad():
-            x_in, t_in = self._rollout_input(student, batch, batch.cond)
+            x_in, t_in, exits = self._backward_simulation(student, batch, batch.cond)
             fake = student(x_in, t_in, batch.cond)
         xt, t, eps = self._noised(fake, batch, c.critic_t_min, 1.0)
         pred_kind = _plain(critic).denoiser.prediction
@@ -241,7 +339,8 @@ class DMD2(Objective):
             x_all = torch.cat([xt, xr])
             t_all = torch.cat([t, tr])
             cond_all = Condition.cat([batch.cond, batch.real_cond[: batch.size]])
-            _, native, logits = critic(x_all, t_all, cond_all, return_native=True, with_logits=True)
+            _, native, logits = critic(x_all, t_all, cond_all, return_native=True, with_logits=True,
+                                       exit=torch.cat([exits, exits]))  # reals: each exit's head sees its share
             n = xt.shape[0]
             loss_dsm = losses.dsm_loss(native[:n], target)
             loss_d = losses.gan_discriminator_loss(logits[:n], logits[n:])
@@ -249,7 +348,7 @@ class DMD2(Objective):
             logs.update(loss_gan_d=loss_d.item(), logits_fake=logits[:n].mean().item(),
                         logits_real=logits[n:].mean().item())
         else:
-            _, native = critic(xt, t, batch.cond, return_native=True)
+            _, native = critic(xt, t, batch.cond, return_native=True, exit=exits)
             loss_dsm = losses.dsm_loss(native, target)
             total = loss_dsm
         logs["loss_critic_dsm"] = loss_dsm.item()

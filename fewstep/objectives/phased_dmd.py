@@ -1,0 +1,365 @@
+"""Phased DMD (arXiv 2510.27684): distribution matching one subinterval of the noise range at a time.
+
+A K-step student's noise range is split into K phases at its grid ``1 = t_0 > t_1 > ... > t_K = 0``.
+Phase k trains the step ``t_k -> t_{k+1}``: its expert ``G_k`` predicts x0 from ``x_{t_k}`` and moves
+deterministically (DDIM / Euler) to ``x_{t_{k+1}}`` (the last phase outputs x0).  Its input comes from
+the frozen earlier experts, run from noise.  Its target is the teacher's marginal at ``t_{k+1}``: the
+DM gradient is taken at ``t`` drawn above ``t_{k+1}``, on ``x_t`` forward-diffused from the generated
+``x_{t_{k+1}}``.  The phase's critic (re-initialised from the teacher at the phase start) cannot see x0,
+so it learns by score matching within the subinterval, with the unbiased target of
+:meth:`~fewstep.schedules.NoiseSchedule.renoise_targets` weighted by ``(beta / sigma_t)^2``.
+
+Phases run one after another inside one run (``objective.phase_steps`` each, or ``train.max_steps``
+split evenly).  ``objective.experts``: ``separate`` (one expert per phase, as in the paper: full copies,
+or LoRA adapters on one base when ``student.lora_rank > 0``) or ``shared`` (one network for all steps;
+earlier steps then drift while later phases train).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import losses
+from ..conditions import Condition
+from ..schedules import _bcast
+from ..teachers.base import frozen
+from .base import Batch, LossOutput, Objective, ObjectiveConfig, register, sampler_for
+from .dmd import Critic, GANHead, _plain
+
+EXPERT_PIPELINES = {  # teacher family -> (pipelines/ class, its module) for separate experts
+    "sd15": ("PhasedStableDiffusionPipeline", "phased_sd15"),
+    "sdxl": ("PhasedStableDiffusionXLPipeline", "phased_sdxl"),
+    "sd3": ("PhasedStableDiffusion3Pipeline", "phased_sd3"),
+    "flux": ("PhasedFluxPipeline", "phased_flux"),
+}
+NET_TIME_IS_SIGMA = ("flux",)  # families whose pipeline passes the network sigma in [0, 1], not timestep
+
+
+@dataclass
+class PhasedDMDConfig(ObjectiveConfig):
+    name: str = "phased_dmd"
+    experts: str = "separate"  # separate: one expert per phase (paper); shared: one network for every phase
+    phase_steps: int = 0  # optimisation steps per phase; 0 splits train.max_steps evenly over the K phases
+    min_t: float = 0.02  # DM time range, as a fraction of the phase's subinterval (t_{k+1}, 1]
+    max_t: float = 0.98
+    critic_steps: int = 5  # student updates once every this many critic updates (TTUR, as DMD2)
+    critic_lr_scale: float = 1.0
+    critic_reset: bool = True  # re-initialise the critic from the teacher (and its optimizer) at each phase start
+    critic_t_min: float = 0.001  # critic times: (t_{k+1} + critic_t_min * (1 - t_{k+1}), 1]
+    critic_target: str = "unbiased"  # unbiased subinterval score-matching target, or "naive" (x_{t_k} as data; biased)
+    guidance_scale: Optional[float] = None  # teacher CFG for the DM gradient; None -> teacher.guidance_scale
+    gan_weight: float = 0.0  # optional GAN term (needs data.images), on the critic's bottleneck, as in DMD2
+    gan_disc_weight: Optional[float] = None
+
+
+class PhasedStudent(nn.Module):
+    """The K-step student as one module: experts switched by the time of their phase's start.
+
+    ``forward(x_t, t, cond)`` gives the x0-prediction of the expert whose phase starts at ``t`` (a grid
+    time; between grid times, the expert of the next grid time above ``t``).  LoRA experts are named
+    adapters on one base network (``adapters``), activated per call without touching ``requires_grad``.
+    """
+
+    def __init__(self, experts: list, times: list[float], adapters: Optional[list[str]] = None):
+        super().__init__()
+        self.experts = nn.ModuleList(experts)
+        self.times = [float(t) for t in times]
+        self.adapters = adapters  # LoRA experts: one Denoiser in ``experts``, one adapter name per phase
+
+    @property
+    def schedule(self):
+        return self.experts[0].schedule
+
+    @property
+    def prediction(self):
+        return self.experts[0].prediction
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.adapters) if self.adapters else len(self.experts)
+
+    @property
+    def net(self):
+        """The network of a single shared expert (what export and LoRA handling read)."""
+        if self.num_experts != 1:
+            raise AttributeError("a PhasedStudent with separate experts has no single 'net'")
+        return self.experts[0].net
+
+    def phase_of(self, t: float) -> int:
+        return min(sum(1 for g in self.times if g > float(t) + 1e-6), len(self.times) - 1)
+
+    def expert(self, k: int) -> nn.Module:
+        if self.adapters:
+            _activate_adapter(self.experts[0].net, self.adapters[k])
+            return self.experts[0]
+        return self.experts[k if len(self.experts) > 1 else 0]
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Condition, **kw):
+        t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32)
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        ks = {self.phase_of(v) for v in t.tolist()}
+        if len(ks) != 1:
+            raise ValueError(f"one call of a phased student takes one phase; got times {sorted(set(t.tolist()))}")
+        return self.expert(ks.pop())(x_t, t, cond, **kw)
+
+
+def _activate_adapter(net: nn.Module, name: str) -> None:
+    """Make ``name`` the active LoRA adapter of every peft layer (``requires_grad`` left as it is)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for m in net.modules():
+        if isinstance(m, BaseTunerLayer):
+            m._active_adapter = name
+
+
+@register
+class PhasedDMD(Objective):
+    name = "phased_dmd"
+    Config = PhasedDMDConfig
+
+    def __init__(self, config, teacher, student_steps):
+        super().__init__(config, teacher, student_steps)
+        c = config
+        if c.experts not in ("separate", "shared"):
+            raise ValueError(f"objective.experts must be 'separate' or 'shared', got {c.experts!r}")
+        if c.critic_target not in ("unbiased", "naive"):
+            raise ValueError(f"objective.critic_target must be 'unbiased' or 'naive', got {c.critic_target!r}")
+        if not 0.0 <= c.min_t < c.max_t <= 1.0:
+            raise ValueError(f"objective.min_t/max_t must satisfy 0 <= min_t < max_t <= 1, got {c.min_t}, {c.max_t}")
+        if c.critic_steps < 1 or c.phase_steps < 0:
+            raise ValueError(f"objective.critic_steps must be >= 1 and objective.phase_steps >= 0, "
+                             f"got {c.critic_steps}, {c.phase_steps}")
+        n = getattr(teacher.schedule, "num_train_timesteps", None)
+        if n and n % self.steps:
+            raise ValueError(f"phased_dmd on a {n}-step teacher needs student.steps dividing {n} (1, 2, 4, 5, 8, ...) "
+                             f"so that a stock DDIMScheduler reproduces the sampler; got {self.steps}")
+        self.bounds = [*self.times, 0.0]  # phase k: t_k -> t_{k+1}
+        self.student = self._build_student(c.experts == "separate" and self.steps > 1)
+        head = GANHead(teacher.feature_channels) if c.gan_weight > 0 else None
+        self.critic = Critic(teacher.new_network("critic"), head)
+        self._critic_init = {k: v.detach().clone() for k, v in self.critic.denoiser.state_dict().items()} \
+            if c.critic_reset and self.steps > 1 else None
+        self.guidance = teacher.guidance_scale if c.guidance_scale is None else float(c.guidance_scale)
+        self.disc_weight = 2 * c.gan_weight if c.gan_disc_weight is None else c.gan_disc_weight
+        self.max_steps: Optional[int] = None
+
+    def _build_student(self, separate: bool) -> PhasedStudent:
+        first = self.teacher.new_network("student")
+        if not separate:
+            return PhasedStudent([first], self.times)
+        peft_cfg = getattr(first.net, "peft_config", None)
+        if peft_cfg:  # LoRA experts: K adapters on one frozen base
+            base_cfg = peft_cfg["default"]
+            names = ["default"] + [f"phase{k}" for k in range(1, self.steps)]
+            for name in names[1:]:
+                first.net.add_adapter(copy.deepcopy(base_cfg), adapter_name=name)
+            for n_, p in first.net.named_parameters():
+                if "lora_" in n_:
+                    p.requires_grad_(True)
+            _activate_adapter(first.net, "default")
+            return PhasedStudent([first], self.times, adapters=names)
+        return PhasedStudent([first] + [self.teacher.new_network("student") for _ in range(self.steps - 1)],
+                             self.times)
+
+    # ---- phases ---------------------------------------------------------------------------------
+    def set_max_steps(self, max_steps: int) -> None:
+        self.max_steps = int(max_steps)
+        if self.config.phase_steps == 0 and self.max_steps < self.steps:
+            raise ValueError(f"train.max_steps={max_steps} leaves phased_dmd's {self.steps} phases no steps each")
+
+    def phase_length(self) -> int:
+        if self.config.phase_steps:
+            return self.config.phase_steps
+        if self.max_steps is None:
+            raise RuntimeError("phased_dmd needs objective.phase_steps or set_max_steps(train.max_steps)")
+        return -(-self.max_steps // self.steps)
+
+    def phase(self, step: int) -> int:
+        return min(step // self.phase_length(), self.steps - 1)
+
+    def reset_groups(self, step: int) -> list[str]:
+        """At the first step of phases 1..K-1: the critic restarts from the teacher (weights and optimizer)."""
+        if self._critic_init is None or step == 0 or step % self.phase_length() or step // self.phase_length() >= self.steps:
+            return []
+        self.critic.denoiser.load_state_dict(self._critic_init)
+        return ["critic"]
+
+    # ---- contract -------------------------------------------------------------------------------
+    def networks(self):
+        return {"student": self.student, "critic": self.critic}
+
+    def plan(self, step):
+        return ["student", "critic"] if step % self.config.critic_steps == 0 else ["critic"]
+
+    def wants_real(self, step):
+        return self.config.gan_weight > 0
+
+    def lr_scale(self, group):
+        return self.config.critic_lr_scale if group == "critic" else 1.0
+
+    def _step(self, student, x: Tensor, k: int, cond: Condition) -> tuple[Tensor, Tensor]:
+        """Expert k from ``x_{t_k}``: (x0-prediction, ``x_{t_{k+1}}`` by a deterministic DDIM/Euler move)."""
+        t = torch.full((x.shape[0],), self.bounds[k], device=x.device)
+        x0 = student(x, t, cond)
+        if k == self.steps - 1:
+            return x0, x0
+        return x0, self.teacher.schedule.ddim_step(x0, x, t, torch.full_like(t, self.bounds[k + 1]))
+
+    @torch.no_grad()
+    def _phase_input(self, student_plain, batch: Batch, k: int) -> Tensor:
+        """``x_{t_k}`` from the frozen experts 0..k-1, run from noise."""
+        x = batch.randn((batch.size, *self.teacher.sample_shape))
+        for j in range(k):
+            _, x = self._step(student_plain, x, j, batch.cond)
+        return x
+
+    def _sub_times(self, k: int, lo: float, hi: float, batch: Batch) -> Tensor:
+        s = self.bounds[k + 1]
+        u = lo + (hi - lo) * batch.rand(batch.size)
+        return s + (1.0 - s) * u
+
+    def _renoised(self, x_s: Tensor, k: int, t: Tensor, batch: Batch):
+        s = torch.full_like(t, self.bounds[k + 1])
+        xi = batch.randn(x_s.shape)
+        return self.teacher.schedule.renoise(x_s, s, t, xi), s, xi
+
+    # ---- losses ---------------------------------------------------------------------------------
+    def loss(self, group, batch, step, nets):
+        k = self.phase(step)
+        if group == "student":
+            return self._student_loss(batch, nets, k)
+        if group == "critic":
+            return self._critic_loss(batch, nets, k)
+        raise KeyError(group)
+
+    def _student_loss(self, batch: Batch, nets, k: int) -> LossOutput:
+        c = self.config
+        student, critic = nets["student"], nets["critic"]
+        x_in = self._phase_input(_plain(student), batch, k)
+        x0, x_out = self._step(student, x_in, k, batch.cond)
+        t = self._sub_times(k, c.min_t, c.max_t, batch)
+        xt, _, _ = self._renoised(x_out, k, t, batch)
+        with torch.no_grad():
+            real = self.teacher(xt.detach(), t, batch.cond, guidance_scale=self.guidance)
+            fake = _plain(critic)(xt.detach(), t, batch.cond)
+        # the generator's x0 carries the gradient: x_{t_{k+1}} is an affine map of it with a positive scale
+        loss_dm, grad = losses.dm_loss(x0, real, fake)
+        logs = {"phase": float(k), "loss_dm": loss_dm.item(), "dm_grad_norm": grad.flatten(1).norm(dim=1).mean().item(),
+                "x0_gap_teacher_critic": (real - fake).abs().mean().item()}
+        total = loss_dm
+        if c.gan_weight > 0:
+            tg = self._sub_times(k, c.critic_t_min, 1.0, batch)
+            xg, _, _ = self._renoised(x_out, k, tg, batch)
+            crit = _plain(critic)
+            with frozen(crit):
+                _, logits = crit(xg, tg, batch.cond, with_logits=True)
+            loss_g = losses.gan_generator_loss(logits)
+            total = total + c.gan_weight * loss_g
+            logs["loss_gan_g"] = loss_g.item()
+        return LossOutput(total, logs)
+
+    def critic_targets(self, kind: str, x_s: Tensor, k: int, t: Tensor, batch: Batch):
+        """``(x_t, target, weight)``: x_t forward-diffused from the generated ``x_s = x_{t_{k+1}}``.
+
+        ``unbiased``: :meth:`~fewstep.schedules.NoiseSchedule.renoise_targets`, weight ``(beta/sigma_t)^2``;
+        ``naive``: ``x_s`` taken as data (x0 = x_s, eps = the fresh noise): biased for k < K-1.
+        """
+        sched = self.teacher.schedule
+        xt, s, xi = self._renoised(x_s, k, t, batch)
+        if self.config.critic_target == "naive":
+            return xt, sched.target(kind, x_s, xi, t), torch.ones_like(t)
+        x0_tgt, eps_tgt = sched.renoise_targets(xt, xi, s, t)
+        r = sched.alpha(t) / sched.alpha(s).clamp_min(1e-20)
+        beta2 = (sched.sigma(t) ** 2 - (r * sched.sigma(s)) ** 2).clamp_min(0)
+        weight = beta2 / sched.sigma(t).clamp_min(1e-20) ** 2
+        return xt, sched.target(kind, x0_tgt, eps_tgt, t), weight
+
+    def _critic_loss(self, batch: Batch, nets, k: int) -> LossOutput:
+        c = self.config
+        critic = nets["critic"]
+        x_in = self._phase_input(_plain(nets["student"]), batch, k)
+        with torch.no_grad():
+            _, x_s = self._step(_plain(nets["student"]), x_in, k, batch.cond)
+        t = self._sub_times(k, c.critic_t_min, 1.0, batch)
+        kind = _plain(critic).denoiser.prediction
+        xt, target, weight = self.critic_targets(kind, x_s, k, t, batch)
+        logs = {}
+        if c.gan_weight > 0:
+            if batch.real is None:
+                raise ValueError("objective.gan_weight > 0 needs real samples (set data.images)")
+            # real data reach the phase's subinterval by the teacher's own marginal: noise x0 to t directly
+            xr = self.teacher.schedule.add_noise(batch.real[: batch.size], batch.randn(x_s.shape), t)
+            _, native, logits = critic(torch.cat([xt, xr]), torch.cat([t, t]),
+                                       Condition.cat([batch.cond, batch.real_cond[: batch.size]]),
+                                       return_native=True, with_logits=True)
+            n = xt.shape[0]
+            native = native[:n]
+            loss_d = losses.gan_discriminator_loss(logits[:n], logits[n:])
+            logs["loss_gan_d"] = loss_d.item()
+        else:
+            _, native = critic(xt, t, batch.cond, return_native=True)
+            loss_d = None
+        per = ((native.float() - target.float()) ** 2).flatten(1).mean(1)
+        loss_dsm = (_bcast(weight, per) * per).mean()
+        total = loss_dsm if loss_d is None else loss_dsm + self.disc_weight * loss_d
+        logs["loss_critic_dsm"] = loss_dsm.item()
+        return LossOutput(total, logs)
+
+    # ---- sampling and export ---------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, student, noise: Tensor, cond: Condition, num_steps: Optional[int] = None,
+               generator: Optional[torch.Generator] = None) -> Tensor:
+        """The phased sampler: expert k at ``t_k``, a deterministic DDIM/Euler move to ``t_{k+1}``, ..., x0."""
+        if num_steps not in (None, self.steps):
+            raise ValueError(f"a phased student samples with its {self.steps} trained steps, got num_steps={num_steps}")
+        x = noise
+        for k in range(self.steps):
+            x0, x = self._step(student, x, k, cond)
+        return x0
+
+    def export_spec(self) -> dict:
+        """Stock DDIM (VP, ``trailing`` grid = the student's) or flow Euler scheduler; experts need our pipeline."""
+        sched = self.teacher.schedule
+        if sched.kind == "flow":
+            spec = sampler_for(sched, self.steps, renoise=False)
+        else:
+            spec = {"scheduler": "DDIMScheduler",
+                    "scheduler_config": {"timestep_spacing": "trailing", "set_alpha_to_one": True, "steps_offset": 0,
+                                         "clip_sample": False, "thresholding": False,
+                                         "rescale_betas_zero_snr": False}}
+        spec.update(num_inference_steps=self.steps, guidance_scale=getattr(self.teacher, "export_guidance_scale", 0.0))
+        if self.student.num_experts > 1:
+            family = self.teacher.family
+            if family not in EXPERT_PIPELINES:
+                raise ValueError(f"separate phased experts export for SD1.5/SDXL/SD3/Flux teachers; teacher family "
+                                 f"{family!r}: use objective.experts=shared")
+            spec["pipeline_class"], spec["pipeline_module"] = EXPERT_PIPELINES[family]
+        return spec
+
+    def export_modules(self, student) -> dict:
+        """Shared: nothing extra (export handles the one network). Separate: ``unet``/``transformer`` = expert 0,
+        ``expert_1..`` the others (LoRA experts merged), and the timesteps where each takes over."""
+        if student.num_experts == 1:
+            return {}
+        name = "transformer" if "transformer" in self.teacher.pipe.components else "unet"
+        nets = []
+        for k in range(student.num_experts):
+            if student.adapters:
+                net = copy.deepcopy(student.experts[0].net)
+                net.set_adapter(student.adapters[k])
+                net.fuse_lora(adapter_names=[student.adapters[k]])
+                net.unload_lora()
+            else:
+                net = student.experts[k].net
+            nets.append(net)
+        sched = self.teacher.schedule  # the times as the pipeline hands them to the network
+        ts = [float(t) if self.teacher.family in NET_TIME_IS_SIGMA else float(sched.t_to_timestep(torch.tensor(t)))
+              for t in self.times]
+        out = {name: nets[0], "expert_timesteps": ts}
+        out.update({f"expert_{k}": nets[k] for k in range(1, len(nets))})
+        return out

@@ -1,0 +1,25 @@
+"""``FluxPipeline`` with one expert per phase (Flux Phased DMD students; see ``phased_experts.py``).
+
+With fewstep installed: ``from pipelines import load_pipeline; pipe = load_pipeline(folder)``.  With diffusers
+alone (the folder carries this file)::
+
+    from diffusers import DiffusionPipeline
+    pipe = DiffusionPipeline.from_pretrained(folder, custom_pipeline="phased_flux", trust_remote_code=True)
+
+then call it like the stock pipeline; the default call (the recommended steps) is the phased sampler.
+"""
+from __future__ import annotations
+
+from diffusers import FluxPipeline
+
+from .phased_experts import EXPERT_NAMES, PhasedExpertsMixin
+
+
+class PhasedFluxPipeline(PhasedExpertsMixin, FluxPipeline):
+    """The stock pipeline; its denoiser calls go to ``expert_1`` .. ``expert_3`` in their phases."""
+
+    _optional_components = [*FluxPipeline._optional_components, *EXPERT_NAMES]
+
+    def __init__(self, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, transformer, image_encoder=None, feature_extractor=None, expert_1=None, expert_2=None, expert_3=None, expert_timesteps=None):
+        super().__init__(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer, image_encoder=image_encoder, feature_extractor=feature_extractor)
+        self._register_experts({"expert_1": expert_1, "expert_2": expert_2, "expert_3": expert_3}, expert_timesteps)

@@ -1,0 +1,247 @@
+"""Phased DMD: the subinterval critic target, the phase schedule, resume mid-phase, exports."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, run_cli
+
+
+def _objective(schedule="vp", steps=2, **cfg):
+    from fewstep.objectives.phased_dmd import PhasedDMD, PhasedDMDConfig
+    from fewstep.teachers.gmm import GMMTeacher, load_mixture
+
+    teacher = GMMTeacher(load_mixture("line4"), schedule)
+    return PhasedDMD(PhasedDMDConfig(**cfg), teacher, steps), teacher
+
+
+def _bias_z(target, reference, x_t):
+    """Largest |z-score| of E[(target - reference) phi(x_t)] over a few test functions phi (0 if unbiased)."""
+    r = (target - reference).double().flatten()
+    x = x_t.double().flatten()
+    zs = []
+    for phi in (torch.ones_like(x), x, torch.tanh(3 * x), torch.sin(4 * x), (x - 0.5).abs()):
+        v = r * phi
+        zs.append(float(v.mean() / (v.std() / len(v) ** 0.5)))
+    return max(abs(z) for z in zs)
+
+
+@pytest.mark.parametrize("schedule", ["vp", "flow"])
+def test_subinterval_critic_target_is_unbiased_and_naive_is_not(schedule):
+    """1-D data on {-1, 0, 1, 2}: x_s are exact samples of p_s (a perfect earlier phase), x_t is diffused from
+    them.  E[target | x_t] must be the teacher's exact posterior prediction in every parameterisation;
+    the naive target (x_s taken as data) is not."""
+    from fewstep.objectives.base import Batch
+    from fewstep.conditions import Condition
+
+    obj, teacher = _objective(schedule)
+    sched = teacher.schedule
+    s = obj.bounds[1]  # phase 0 generates x at t_1 = 0.5
+    n = 200_000
+    g = torch.Generator().manual_seed(0)
+    x0, _ = teacher.mixture.sample(n, g)
+    x_s = sched.add_noise(x0.float(), torch.randn(x0.shape, generator=g), torch.full((n,), s))
+    for kind in ("x0", "eps", "v", "velocity"):
+        for t_val in (0.55, 0.8):
+            t = torch.full((n,), t_val)
+            zs = {}
+            for mode in ("unbiased", "naive"):
+                obj.config.critic_target = mode
+                batch = Batch(size=n, cond=Condition(), generator=torch.Generator().manual_seed(1), device=torch.device("cpu"))
+                x_t, target, weight = obj.critic_targets(kind, x_s, 0, t, batch)
+                exact = sched.convert(teacher(x_t, t, None), "x0", kind, x_t, t)
+                zs[mode] = _bias_z(target, exact, x_t)
+                if mode == "unbiased":
+                    assert torch.all((weight > 0) & (weight <= 1))
+            assert zs["unbiased"] < 4.5, (kind, t_val, zs)
+            assert zs["naive"] > 20, (kind, t_val, zs)
+
+
+def test_renoise_targets_reduce_to_data_targets_at_s0():
+    from fewstep.schedules import make_schedule
+
+    sched = make_schedule("vp")
+    g = torch.Generator().manual_seed(0)
+    x0, xi = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    t, s = torch.full((5,), 0.7), torch.zeros(5)
+    x_t = sched.renoise(x0, s, t, xi)
+    a, e = sched.renoise_targets(x_t, xi, s, t)
+    assert torch.allclose(a, x0, atol=1e-5) and torch.allclose(e, xi, atol=1e-5)
+
+
+def test_phase_schedule_and_critic_reset():
+    obj, teacher = _objective(steps=4, phase_steps=10)
+    start = {k: v.clone() for k, v in obj.critic.denoiser.state_dict().items()}
+    assert [obj.phase(s) for s in (0, 9, 10, 29, 30, 39, 55)] == [0, 0, 1, 2, 3, 3, 3]
+    assert obj.bounds == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+    with torch.no_grad():
+        for p in obj.critic.parameters():
+            p.add_(1.0)
+    assert obj.reset_groups(5) == [] and obj.reset_groups(0) == []
+    assert obj.reset_groups(20) == ["critic"]
+    for k, v in obj.critic.denoiser.state_dict().items():  # back to its start: the teacher's function
+        assert torch.equal(v, start[k]), k
+    x, t = torch.randn(16, 1), torch.rand(16)
+    assert torch.allclose(obj.critic(x, t, None), teacher(x, t, None), atol=1e-6)
+    obj2, _ = _objective(steps=4)
+    obj2.set_max_steps(100)
+    assert obj2.phase_length() == 25 and obj2.phase(99) == 3
+
+
+def test_bad_options_are_one_line_errors():
+    with pytest.raises(ValueError, match="objective.experts must be 'separate' or 'shared', got 'many'"):
+        _objective(experts="many")
+    with pytest.raises(ValueError, match="critic_target"):
+        _objective(critic_target="exact")
+    obj, _ = _objective(steps=4)
+    with pytest.raises(ValueError, match="train.max_steps=3"):
+        obj.set_max_steps(3)
+
+
+def _run(tmp_path, name, *overrides):
+    from fewstep.api import distill
+    from fewstep.config import load_config
+
+    cfg = load_config("configs/gmm_phased_dmd.yaml", ["train.tracker=none", f"output_dir={tmp_path}/{name}",
+                                                      "teacher.path=gmm:line4", "train.batch_size=64", *overrides])
+    return distill(cfg, log=lambda *a: None)
+
+
+def test_each_expert_trains_only_in_its_phase(tmp_path):
+    from safetensors.torch import load_file
+
+    from fewstep.trainer import list_checkpoints
+
+    _run(tmp_path, "r", "student.steps=2", "train.max_steps=8", "train.checkpoint_every=4", "objective.critic_steps=1",
+         "train.keep_checkpoints=5")
+    cks = list_checkpoints(tmp_path / "r")
+    a, b = (load_file(str(c / "model.safetensors")) for c in cks[:2])  # student after phase 0, after phase 1
+    init = _objective(steps=2)[0].student.state_dict()
+    e0 = [k for k in a if k.startswith("experts.0.") and "residual.out" in k]
+    e1 = [k for k in a if k.startswith("experts.1.") and "residual.out" in k]
+    assert e0 and e1
+    assert any(not torch.equal(a[k], init[k]) for k in e0)  # phase 0 trained expert 0 ...
+    assert all(torch.equal(a[k], init[k]) for k in e1)  # ... and left expert 1 alone
+    assert all(torch.equal(b[k], a[k]) for k in e0)  # phase 1 froze expert 0
+    assert any(not torch.equal(b[k], a[k]) for k in e1)
+
+
+def test_resume_mid_phase_is_exact(tmp_path):
+    """6 steps straight == 3 (mid phase 0) + resume, across the phase boundary at step 4 (critic reset)."""
+    from safetensors.torch import load_file
+
+    common = ["student.steps=2", "objective.phase_steps=4", "objective.critic_steps=2", "train.max_steps=6",
+              "train.checkpoint_every=3"]
+    _run(tmp_path, "straight", *common)
+    _run(tmp_path, "resumed", *common[:-2], "train.max_steps=3", "train.checkpoint_every=3")
+    m = _run(tmp_path, "resumed", *common)
+    assert m["steps"] == 6
+    sa = load_file(str(tmp_path / "straight" / "student" / "student.safetensors"))
+    sb = load_file(str(tmp_path / "resumed" / "student" / "student.safetensors"))
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_sample_command_loads_phased_students(tmp_path):
+    _run(tmp_path, "r", "student.steps=2", "train.max_steps=4")
+    out = tmp_path / "s.npy"
+    r = run_cli("sample", tmp_path / "r", "--num-samples", "100", "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import numpy as np
+
+    assert np.load(out).shape == (100, 1)
+
+
+CHECK = r"""
+import json, sys, torch
+torch.set_num_threads(1)
+from safetensors.torch import load_file
+from diffusers import DiffusionPipeline
+from fewstep.api import load_run
+from fewstep.export import check_roundtrip
+from fewstep.trainer import list_checkpoints
+from pipelines import load_pipeline
+run = sys.argv[1]
+cfg, teacher, data, obj = load_run(run)
+obj.student.load_state_dict(load_file(str(list_checkpoints(run)[-1] / "model.safetensors")))
+obj.student.eval()
+meta = json.load(open(run + "/pipeline/fewstep.json"))
+pipe = load_pipeline(run + "/pipeline")
+pipe.set_progress_bar_config(disable=True)
+pipe.scheduler.set_timesteps(meta["num_inference_steps"])
+out = {"class": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__,
+       "timesteps": [float(t) for t in pipe.scheduler.timesteps], "meta": meta,
+       "expert_timesteps": pipe.config.get("expert_timesteps"),
+       "max_diff": check_roundtrip(run + "/pipeline", obj, teacher, obj.student, ["a red dog"])}
+kw = dict(num_inference_steps=meta["num_inference_steps"], guidance_scale=meta["guidance_scale"], output_type="latent")
+if meta.get("custom_pipeline"):
+    # diffusers alone: the folder's own code as a custom pipeline gives the same latents
+    p2 = DiffusionPipeline.from_pretrained(run + "/pipeline", custom_pipeline=meta["custom_pipeline"],
+                                           trust_remote_code=True)
+    p2.set_progress_bar_config(disable=True)
+    a = pipe(["a red dog"], generator=torch.Generator().manual_seed(1), **kw).images
+    b = p2(["a red dog"], generator=torch.Generator().manual_seed(1), **kw).images
+    out["custom_code"] = [type(p2).__name__, float((a - b).abs().max())]
+    # the first expert alone (no switching) samples something else: the experts differ and are used
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
+    base = StableDiffusion3Pipeline if "transformer" in pipe.components else StableDiffusionXLPipeline
+    comps = {k: v for k, v in pipe.components.items() if not k.startswith("expert_")}
+    c = base(**comps)(["a red dog"], generator=torch.Generator().manual_seed(1), **kw).images
+    out["first_expert_only"] = float((a - c).abs().max())
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_flow_and_sdxl(tmp_path_factory):
+    from fewstep.testing import save_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("phased_tiny")
+    return {k: save_tiny_pipeline(k, str(root / k)) for k in ("sdxl", "sd3")}
+
+
+@pytest.mark.parametrize("family,experts,lora", [("sdxl", "separate", 0), ("sdxl", "shared", 0), ("sdxl", "separate", 4),
+                                                 ("sd3", "separate", 0), ("sd3", "shared", 0)])
+def test_export_roundtrip(family, experts, lora, tiny_flow_and_sdxl, prompts_file, tmp_path):
+    run = tmp_path / "run"
+    cfg = "configs/sd3_phased_dmd.yaml" if family == "sd3" else "configs/sdxl_phased_dmd.yaml"
+    steps = 2
+    args = ["distill", cfg, f"teacher.path={tiny_flow_and_sdxl[family]}", "teacher.dtype=float32",
+            f"student.steps={steps}", f"student.lora_rank={lora}", f"objective.experts={experts}",
+            "objective.critic_steps=1", "train.max_steps=4", "train.batch_size=2", "train.lr=1e-2",
+            "train.mixed_precision=no", "train.checkpoint_every=4", "train.sample_every=0", "train.tracker=none",
+            f"data.prompts={prompts_file}", f"output_dir={run}"]
+    if family == "sd3":
+        args.append("data.resolution=32")
+    r = run_cli(*args, env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    p = subprocess.run([sys.executable, "-c", CHECK, str(run)], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(p.stdout.split("RESULT ", 1)[1])
+    stock = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}[family]
+    assert res["class"] == (stock if experts == "shared" else "Phased" + stock)
+    if family == "sdxl":
+        assert res["scheduler"] == "DDIMScheduler" and res["timesteps"] == [999.0, 499.0]
+    else:
+        assert res["scheduler"] == "FlowMatchEulerDiscreteScheduler" and res["timesteps"] == [1000.0, 500.0]
+    assert res["max_diff"] < 1e-4, res
+    if experts == "separate":
+        assert res["expert_timesteps"] == res["timesteps"]
+        assert res["custom_code"][1] < 1e-5, res
+        assert res["first_expert_only"] > 1e-3, res
+    assert f"num_inference_steps={steps}" in (run / "pipeline" / "README.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mixture", ["uneq6", "skew3", "ring8"])
+@pytest.mark.parametrize("steps", [2, 4])
+def test_phased_dmd_keeps_modes_and_spread(tmp_path, mixture, steps):
+    m = _run(tmp_path, "q", f"teacher.path=gmm:{mixture}", f"student.steps={steps}", "train.batch_size=256")
+    ev = m["eval"]
+    assert ev["student"]["modes_covered"] == ev["student"]["num_modes"], m["table"]
+    assert ev["student"]["energy_distance"] <= 1.5 * ev["teacher"]["energy_distance"], m["table"]
+    assert 0.9 <= ev["student"]["spread"] <= 1.1, m["table"]
