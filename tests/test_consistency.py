@@ -130,11 +130,86 @@ def test_slam_sub_path_point(tmp_path):
     t_hi, t_lo = torch.full((8,), 0.6), torch.full((8,), 0.58)
     sched = slam.teacher.schedule
     ratio = (sched.alpha(t_hi) / sched.alpha(t_lo))[:, None]
-    z = lambda g: slam.sub_path_point(x_hi, x_lo, t_hi, t_lo, torch.full((8,), g))
+    z = lambda g: slam.sub_path_point(x_hi, x_lo, t_hi, t_lo, torch.full((8,), g))[0]
     assert torch.equal(z(1.0), x_hi)
     assert torch.allclose(z(0.0), ratio * x_lo)
     assert torch.allclose(z(0.25), 0.25 * x_hi + 0.75 * ratio * x_lo)
+    assert torch.equal(slam.sub_path_point(x_hi, x_lo, t_hi, t_lo, torch.full((8,), 0.25))[1], t_hi)  # "start"
     assert slam.embeds and slam.student.net.residual.guidance_dim == 16  # gamma is embedded when it varies
+
+
+@pytest.mark.parametrize("schedule", ["vp", "flow"])
+def test_slam_interp_sub_path_point(tmp_path, schedule):
+    """``subpath_time=interp``: at ``t_g = t_n + g (t_{n+k} - t_n)`` the input is the DDIM point ``a_g x0 + s_g eps``
+    of the two solver states' common ``(x0, eps)``, i.e. on the straight line between ``x_{n+k} / a_{n+k}`` and
+    ``x_hat_n / a_n``; ``g = 1`` gives ``(x_{n+k}, t_{n+k})`` exactly, ``g = 0`` gives ``(x_hat_n, t_n)``."""
+    extra = ["teacher.schedule=flow"] if schedule == "flow" else []
+    _, _, slam = _build("configs/gmm_slam.yaml", tmp_path, "objective.subpath_time=interp", *extra)
+    sched = slam.teacher.schedule
+    assert sched.kind == schedule
+    x0, e = torch.randn(6, 2, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    t_hi = torch.tensor([1.0, 0.6, 0.6, 0.6, 0.02, 0.5], dtype=torch.float64)
+    t_lo = torch.tensor([0.98, 0.58, 0.58, 0.58, 0.0, 0.48], dtype=torch.float64)
+    g = torch.tensor([0.3, 1.0, 0.0, 0.25, 0.5, 0.9], dtype=torch.float64)
+    a, s = (lambda t: sched.alpha(t)[:, None].double()), (lambda t: sched.sigma(t)[:, None].double())
+    x_hi, x_lo = a(t_hi) * x0 + s(t_hi) * e, a(t_lo) * x0 + s(t_lo) * e
+    z, t_z = slam.sub_path_point(x_hi, x_lo, t_hi, t_lo, g)
+    t_g = t_lo + g * (t_hi - t_lo)
+    assert torch.allclose(t_z, t_g, atol=1e-12)
+    assert torch.allclose(z, a(t_g) * x0 + s(t_g) * e, atol=1e-9)
+    assert torch.equal(z[1], x_hi[1]) and t_z[1] == t_hi[1]
+    assert torch.allclose(z[2], x_lo[2], atol=1e-12)
+    lam = lambda t: s(t) / a(t)  # z / a_g = c x_hi / a_hi + (1 - c) x_lo / a_lo, c = (lam_g - lam_lo) / (lam_hi - lam_lo)
+    c = (lam(t_g) - lam(t_lo)) / (lam(t_hi) - lam(t_lo))
+    k = slice(1, 6)  # (alpha = 0 at the flow's t = 1)
+    assert torch.allclose((z / a(t_g))[k], (c * x_hi / a(t_hi) + (1 - c) * x_lo / a(t_lo))[k], atol=1e-9)
+    if schedule == "flow":  # the flow's DDIM path is straight in x itself
+        assert torch.allclose(z, g[:, None] * x_hi + (1 - g[:, None]) * x_lo, atol=1e-12)
+
+
+def test_slam_variant_loss_matches_a_hand_computation(tmp_path):
+    """``subpath_time=interp``, ``gamma_power=3``, ``loss_weight=gamma`` replayed by hand from the batch generator."""
+    _, _, slam = _build("configs/gmm_slam.yaml", tmp_path, "objective.loss=l2", "objective.subpath_time=interp",
+                        "objective.gamma_power=3", "objective.loss_weight=gamma")
+    _perturb(slam.student, seed=1)
+    _perturb(slam.target, seed=2)
+    sched, n = slam.teacher.schedule, 64
+    got = slam.loss("student", _batch(slam.teacher, n=n, seed=9), 0, {"student": slam.student}).loss
+    b = _batch(slam.teacher, n=n, seed=9)
+    g = b.generator
+    x0, cond = b.real, b.real_cond
+    j = torch.randint(1, slam.grid + 1, (n,), generator=g)
+    t_hi, t_lo = j.float() / slam.grid, (j - 1).float() / slam.grid
+    eps = torch.randn(x0.shape, generator=g)
+    gamma = torch.rand((n,), generator=g) ** (1 / 3)
+    a, s = (lambda t: sched.alpha(t)[:, None]), (lambda t: sched.sigma(t)[:, None])
+    x_hi = a(t_hi) * x0 + s(t_hi) * eps
+    t_g = t_lo + gamma * (t_hi - t_lo)
+    with torch.no_grad():
+        x0_t = slam.teacher(x_hi, t_hi, cond)
+        x_lo = sched.ddim_step(x0_t, x_hi, t_hi, t_lo)
+        eps_t = (x_hi - a(t_hi) * x0_t) / s(t_hi)
+        z = a(t_g) * x0_t + s(t_g) * eps_t  # the teacher's DDIM point at t_g
+        pred = slam.consistency(slam.student, z, t_g, dataclasses.replace(cond, guidance_w=gamma - 1))
+        target = slam.consistency(slam.target, x_lo, t_lo, dataclasses.replace(cond, guidance_w=torch.zeros(n)))
+    want = (((pred - target) ** 2).mean(1) * gamma / gamma.mean()).mean()
+    assert torch.allclose(got, want, rtol=1e-4), (got, want)
+
+
+@pytest.mark.parametrize("overrides,needles", [
+    (["objective.subpath_time=end"], ["objective.subpath_time", "interp"]),
+    (["objective.loss_weight=snr"], ["objective.loss_weight"]),
+    (["objective.gamma_power=0"], ["objective.gamma_power"]),
+])
+def test_bad_slam_config_is_one_line_error(tmp_path, overrides, needles):
+    from fewstep.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        _build("configs/gmm_slam.yaml", tmp_path, *overrides)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for n in needles:
+        assert n in msg, (n, msg)
 
 
 def test_slam_loss_matches_a_hand_computation(tmp_path):

@@ -220,4 +220,4 @@ def test_digits_benchmark():
     assert s1["class_accuracy"] > 0.9 and s4["class_accuracy"] > 0.9
     assert s1["digits_fid"] <= 1.2 * t50["digits_fid"], res["goal"]  # the goal
     assert all({"precision", "recall", "density", "coverage"} <= set(r) for r in res["rows"])
-    assert t50["recall"] > 0.5 and t50["coverage"] > 0.5  # the teacher covers the real digits
+    assert t50["recall"] > 0.5 and t50["coverage"] > 2 * t1["coverage"]  # 1 DDIM step is blurred onto a few modes

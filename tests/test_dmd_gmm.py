@@ -118,25 +118,36 @@ def test_per_exit_critic_sees_only_its_exit():
     assert isinstance(obj.critic, ExitCritics) and obj.critic.num_exits == 2
     n, labels = 6, torch.arange(6)  # uneq6: one sample per class, so the labels name the samples
     seen = {0: [], 1: []}
-    hooks = [c.denoiser.register_forward_hook(lambda m, args, out, k=k: seen[k].append(args[2].class_labels.clone()))
-             for k, c in enumerate(obj.critic.critics)]
+
+    def record(k):
+        return lambda m, args, out: seen[k].append((args[0].clone(), args[2].class_labels.clone()))
+
+    hooks = [c.denoiser.register_forward_hook(record(k)) for k, c in enumerate(obj.critic.critics)]
     nets = {"student": obj.student, "critic": obj.critic}
-    for group in ("critic", "student"):
-        for seed in (0, 1, 2):
-            b = _batch(n, seed, labels)  # the loss below draws the same exits from the same seed
-            _, t_in, exits = obj._backward_simulation(obj.student, b, b.cond)
-            assert sorted(torch.bincount(exits, minlength=2).tolist()) == [3, 3]  # stratified over the batch
-            assert torch.equal(t_in, torch.tensor(obj.times)[exits])
-            for k in seen:
-                seen[k].clear()
-            obj.critic.zero_grad(set_to_none=True)
-            out = obj.loss(group, _batch(n, seed, labels), 0, nets)
-            for k in (0, 1):
-                assert sorted(torch.cat(seen[k]).tolist()) == sorted(labels[exits == k].tolist()), (group, k)
-            if group == "critic":  # every exit's critic gets a gradient from its own share
-                out.loss.backward()
-                for c in obj.critic.critics:
-                    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in c.parameters())
+    for seed in (0, 1):
+        # critic step: critic k trains on exit k's x0 for the whole batch, re-noised; rebuilt here from the same seed
+        b = _batch(n, seed, labels)
+        fake, exits, _ = obj._all_exits(obj.student, b, b.cond)
+        x_t, _, _ = obj._noised(fake, b, obj.config.critic_t_min, 1.0)
+        assert torch.equal(exits, torch.tensor([0] * n + [1] * n))
+        for k in seen:
+            seen[k].clear()
+        obj.critic.zero_grad(set_to_none=True)
+        obj.loss("critic", _batch(n, seed, labels), 0, nets).loss.backward()
+        for k, c in enumerate(obj.critic.critics):
+            (xk, lk), = seen[k]
+            assert torch.equal(lk, labels) and torch.allclose(xk, x_t[exits == k]), k
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in c.parameters())
+        # student step: exits stratified over the batch; the DM gradient at exit k comes from critic k
+        b = _batch(n, seed, labels)
+        _, t_in, exits = obj._backward_simulation(obj.student, b, b.cond)
+        assert sorted(torch.bincount(exits, minlength=2).tolist()) == [3, 3]
+        assert torch.equal(t_in, torch.tensor(obj.times)[exits])
+        for k in seen:
+            seen[k].clear()
+        obj.loss("student", _batch(n, seed, labels), 0, nets)
+        for k in (0, 1):
+            assert sorted(torch.cat([lab for _, lab in seen[k]]).tolist()) == sorted(labels[exits == k].tolist()), k
     for h in hooks:
         h.remove()
 
@@ -156,11 +167,9 @@ def test_exit_critics_route_each_sample():
     for i in range(8):
         ref_x0, ref_logits = crit.critics[int(exits[i])](x[i:i + 1], t[i:i + 1], cond[i:i + 1], with_logits=True)
         assert torch.allclose(x0[i], ref_x0[0], atol=1e-6) and torch.allclose(logits[i], ref_logits[0], atol=1e-6)
-    import pytest as _pytest
-
-    with _pytest.raises(ValueError, match="exit"):
+    with pytest.raises(ValueError, match="exit"):
         crit(x, t, cond)
-    with _pytest.raises(ValueError, match=r"\[0, 4\)"):
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
         crit(x, t, cond, exit=torch.full((8,), 4))
 
 
@@ -189,15 +198,37 @@ def test_backward_simulation_values():
     assert all(v in msg for v in ("per_exit", "dmd2", "random", "last"))
 
 
-def test_per_exit_gan_two_step_run(tmp_path):
-    """2-step default with the GAN head: both groups train, diagnostics finite, the critic group is one module."""
-    import numpy as np
+PER_EXIT_GAN = ["student.steps=2", "train.batch_size=64", "objective.gan_weight=0.01", "objective.critic_steps=2",
+                "train.log_every=1", "train.checkpoint_every=4"]
 
-    m = _distill(tmp_path, "student.steps=2", "train.max_steps=12", "train.batch_size=64", "objective.gan_weight=0.01",
-                 "objective.critic_steps=2", "train.log_every=1", "train.checkpoint_every=6")
+
+def test_per_exit_gan_run(tmp_path):
+    """2-step default with the GAN head: both groups train, and the critic group is one module whose checkpoint
+    holds every exit's critic and head."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    m = _distill(tmp_path, *PER_EXIT_GAN, "train.max_steps=8")
     keys = set().union(*[h.keys() for h in m["history_tail"]])
     assert {"critic/loss_gan_d", "student/loss_gan_g", "student/loss_dm"} <= keys
     assert all(np.isfinite(v) for h in m["history_tail"] for v in h.values() if isinstance(v, float))
+    ck = load_file(str(tmp_path / "run" / "checkpoints" / "checkpoint-0000008" / "model_1.safetensors"))
+    assert {k.split(".")[1] for k in ck if k.startswith("critics.")} == {"0", "1"}
+    assert {k.split(".")[1] for k in ck if ".head." in k} == {"0", "1"}
+
+
+@pytest.mark.slow
+def test_per_exit_gan_exact_resume(tmp_path):
+    """Per-exit critics + GAN: 4 steps, then resume to 8, equals 8 steps straight."""
+    import torch
+    from safetensors.torch import load_file
+
+    _distill(tmp_path / "a", *PER_EXIT_GAN, "train.max_steps=8")
+    _distill(tmp_path / "b", *PER_EXIT_GAN, "train.max_steps=4")
+    _distill(tmp_path / "b", *PER_EXIT_GAN, "train.max_steps=8")  # resumes from checkpoint 4
+    sa = load_file(str(tmp_path / "a" / "run" / "student" / "student.safetensors"))
+    sb = load_file(str(tmp_path / "b" / "run" / "student" / "student.safetensors"))
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 @pytest.mark.slow
@@ -212,10 +243,11 @@ def test_dmd2_two_step_default_matches_teacher(tmp_path, mixture):
 
 
 @pytest.mark.slow
-def test_dmd2_recipe_two_step_collapses_within_modes(tmp_path):
-    """The published rule (random exit, one shared critic) on uneq6: the final exit collapses within modes."""
+def test_dmd2_recipe_two_step_exits_compensate(tmp_path):
+    """The published rule (random exit, one shared critic) on uneq6: the exits settle off the data (shifted in
+    opposite directions, each too narrow), energy far above the teacher ODE's (11.8x at 10k steps, seed 0)."""
     m = _distill(tmp_path, "teacher.path=gmm:uneq6", "student.steps=2", "objective.backward_simulation=dmd2")
-    assert m["eval"]["student"]["spread"] < 0.8, m["table"]
+    assert m["eval"]["student"]["energy_distance"] > 3 * m["eval"]["teacher"]["energy_distance"], m["table"]
 
 
 @pytest.mark.slow

@@ -160,80 +160,99 @@ CHECK = r"""
 import json, sys, torch
 torch.set_num_threads(1)
 from safetensors.torch import load_file
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusion3Pipeline, StableDiffusionXLPipeline
 from fewstep.api import load_run
 from fewstep.export import check_roundtrip
 from fewstep.trainer import list_checkpoints
 from pipelines import load_pipeline
-run = sys.argv[1]
-cfg, teacher, data, obj = load_run(run)
-obj.student.load_state_dict(load_file(str(list_checkpoints(run)[-1] / "model.safetensors")))
-obj.student.eval()
-meta = json.load(open(run + "/pipeline/fewstep.json"))
-pipe = load_pipeline(run + "/pipeline")
-pipe.set_progress_bar_config(disable=True)
-pipe.scheduler.set_timesteps(meta["num_inference_steps"])
-out = {"class": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__,
-       "timesteps": [float(t) for t in pipe.scheduler.timesteps], "meta": meta,
-       "expert_timesteps": pipe.config.get("expert_timesteps"),
-       "max_diff": check_roundtrip(run + "/pipeline", obj, teacher, obj.student, ["a red dog"])}
-kw = dict(num_inference_steps=meta["num_inference_steps"], guidance_scale=meta["guidance_scale"], output_type="latent")
-if meta.get("custom_pipeline"):
-    # diffusers alone: the folder's own code as a custom pipeline gives the same latents
-    p2 = DiffusionPipeline.from_pretrained(run + "/pipeline", custom_pipeline=meta["custom_pipeline"],
-                                           trust_remote_code=True)
-    p2.set_progress_bar_config(disable=True)
-    a = pipe(["a red dog"], generator=torch.Generator().manual_seed(1), **kw).images
-    b = p2(["a red dog"], generator=torch.Generator().manual_seed(1), **kw).images
-    out["custom_code"] = [type(p2).__name__, float((a - b).abs().max())]
-    # the first expert alone (no switching) samples something else: the experts differ and are used
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
-    base = StableDiffusion3Pipeline if "transformer" in pipe.components else StableDiffusionXLPipeline
-    comps = {k: v for k, v in pipe.components.items() if not k.startswith("expert_")}
-    c = base(**comps)(["a red dog"], generator=torch.Generator().manual_seed(1), **kw).images
-    out["first_expert_only"] = float((a - c).abs().max())
-print("RESULT " + json.dumps(out))
+results = {}
+for run in sys.argv[1:]:
+    cfg, teacher, data, obj = load_run(run)
+    obj.student.load_state_dict(load_file(str(list_checkpoints(run)[-1] / "model.safetensors")))
+    obj.student.eval()
+    meta = json.load(open(run + "/pipeline/fewstep.json"))
+    pipe = load_pipeline(run + "/pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler.set_timesteps(meta["num_inference_steps"])
+    out = {"class": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__,
+           "timesteps": [float(t) for t in pipe.scheduler.timesteps], "meta": meta,
+           "expert_timesteps": pipe.config.get("expert_timesteps"),
+           "max_diff": check_roundtrip(run + "/pipeline", obj, teacher, obj.student, ["a red dog"])}
+    kw = dict(num_inference_steps=meta["num_inference_steps"], guidance_scale=meta["guidance_scale"],
+              output_type="latent")
+    if meta.get("custom_pipeline"):
+        # diffusers alone: the folder's own code as a custom pipeline gives the same latents
+        p2 = DiffusionPipeline.from_pretrained(run + "/pipeline", custom_pipeline=meta["custom_pipeline"],
+                                               trust_remote_code=True)
+        p2.set_progress_bar_config(disable=True)
+        a = pipe(["a red dog"], generator=torch.Generator().manual_seed(1), **kw).images
+        b = p2(["a red dog"], generator=torch.Generator().manual_seed(1), **kw).images
+        out["custom_code"] = [type(p2).__name__, float((a - b).abs().max())]
+        # the first expert alone (no switching) samples something else: the experts differ and are used
+        base = StableDiffusion3Pipeline if "transformer" in pipe.components else StableDiffusionXLPipeline
+        comps = {k: v for k, v in pipe.components.items() if not k.startswith("expert_")}
+        c = base(**comps)(["a red dog"], generator=torch.Generator().manual_seed(1), **kw).images
+        out["first_expert_only"] = float((a - c).abs().max())
+    results[run] = out
+print("RESULT " + json.dumps(results))
 """
+
+EXPORTS = {"sdxl-separate": ("sdxl", "separate", 0), "sdxl-shared": ("sdxl", "shared", 0),
+           "sdxl-separate-lora": ("sdxl", "separate", 4), "sd3-separate": ("sd3", "separate", 0),
+           "sd3-shared": ("sd3", "shared", 0)}
 
 
 @pytest.fixture(scope="module")
-def tiny_flow_and_sdxl(tmp_path_factory):
+def exports(tmp_path_factory):
+    """Train each 2-step run 4 steps in-process (2 per phase), export, then check all in one fresh process."""
+    from fewstep.api import distill
+    from fewstep.config import load_config
     from fewstep.testing import save_tiny_pipeline
 
-    root = tmp_path_factory.mktemp("phased_tiny")
-    return {k: save_tiny_pipeline(k, str(root / k)) for k in ("sdxl", "sd3")}
-
-
-@pytest.mark.parametrize("family,experts,lora", [("sdxl", "separate", 0), ("sdxl", "shared", 0), ("sdxl", "separate", 4),
-                                                 ("sd3", "separate", 0), ("sd3", "shared", 0)])
-def test_export_roundtrip(family, experts, lora, tiny_flow_and_sdxl, prompts_file, tmp_path):
-    run = tmp_path / "run"
-    cfg = "configs/sd3_phased_dmd.yaml" if family == "sd3" else "configs/sdxl_phased_dmd.yaml"
-    steps = 2
-    args = ["distill", cfg, f"teacher.path={tiny_flow_and_sdxl[family]}", "teacher.dtype=float32",
-            f"student.steps={steps}", f"student.lora_rank={lora}", f"objective.experts={experts}",
-            "objective.critic_steps=1", "train.max_steps=4", "train.batch_size=2", "train.lr=1e-2",
-            "train.mixed_precision=no", "train.checkpoint_every=4", "train.sample_every=0", "train.tracker=none",
-            f"data.prompts={prompts_file}", f"output_dir={run}"]
-    if family == "sd3":
-        args.append("data.resolution=32")
-    r = run_cli(*args, env={"OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    p = subprocess.run([sys.executable, "-c", CHECK, str(run)], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    root = tmp_path_factory.mktemp("phased_exports")
+    tiny = {k: save_tiny_pipeline(k, str(root / k)) for k in ("sdxl", "sd3")}
+    prompts = root / "prompts.txt"
+    prompts.write_text("a photo of a cat\na red dog\n")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, (family, experts, lora) in EXPORTS.items():
+            cfg = "configs/sd3_phased_dmd.yaml" if family == "sd3" else "configs/sdxl_phased_dmd.yaml"
+            ov = [f"teacher.path={tiny[family]}", "teacher.dtype=float32", "student.steps=2",
+                  f"student.lora_rank={lora}", f"objective.experts={experts}", "objective.critic_steps=1",
+                  "train.max_steps=4", "train.batch_size=2", "train.lr=1e-2", "train.mixed_precision=no",
+                  "train.checkpoint_every=4", "train.sample_every=0", "train.tracker=none",
+                  f"data.prompts={prompts}", f"output_dir={root / name}"]
+            if family == "sd3":
+                ov.append("data.resolution=32")
+            distill(load_config(str(ROOT / cfg), ov), log=lambda *a: None)
+    finally:
+        torch.set_num_threads(n)
+    p = subprocess.run([sys.executable, "-c", CHECK, *[str(root / k) for k in EXPORTS]], capture_output=True,
+                       text=True, cwd=ROOT, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(p.stdout.split("RESULT ", 1)[1])
+    return {k: res[str(root / k)] for k in EXPORTS}, root
+
+
+@pytest.mark.parametrize("name", list(EXPORTS))
+def test_export_roundtrip(exports, name):
+    """Default call of the exported folder == the in-training phased sampler, for the same noise."""
+    res, root = exports
+    family, experts, _ = EXPORTS[name]
+    r = res[name]
     stock = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}[family]
-    assert res["class"] == (stock if experts == "shared" else "Phased" + stock)
+    assert r["class"] == (stock if experts == "shared" else "Phased" + stock)
     if family == "sdxl":
-        assert res["scheduler"] == "DDIMScheduler" and res["timesteps"] == [999.0, 499.0]
+        assert r["scheduler"] == "DDIMScheduler" and r["timesteps"] == [999.0, 499.0]
     else:
-        assert res["scheduler"] == "FlowMatchEulerDiscreteScheduler" and res["timesteps"] == [1000.0, 500.0]
-    assert res["max_diff"] < 1e-4, res
+        assert r["scheduler"] == "FlowMatchEulerDiscreteScheduler" and r["timesteps"] == [1000.0, 500.0]
+    assert r["max_diff"] < 1e-4, r
     if experts == "separate":
-        assert res["expert_timesteps"] == res["timesteps"]
-        assert res["custom_code"][1] < 1e-5, res
-        assert res["first_expert_only"] > 1e-3, res
-    assert f"num_inference_steps={steps}" in (run / "pipeline" / "README.md").read_text()
+        assert r["expert_timesteps"] == r["timesteps"]
+        assert r["custom_code"][1] < 1e-5, r
+        assert r["first_expert_only"] > 1e-3, r
+    assert "num_inference_steps=2" in (root / name / "pipeline" / "README.md").read_text()
 
 
 @pytest.mark.slow

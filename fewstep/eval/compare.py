@@ -33,6 +33,7 @@ class MetricSuite:
     clip: object = None  # CLIPScorer
     fid_name: str = "fid"  # key of the FID column (e.g. "digits_fid")
     diversity: Optional[dict] = None  # precision/recall/density/coverage: diversity_vs_reference kwargs ({} = defaults)
+    diversity_ref: object = None  # (N, D) reference features for those (default: the FID reference's own)
     _ref_cache: dict = field(default_factory=dict)
 
     def prepare(self) -> None:
@@ -46,7 +47,9 @@ class MetricSuite:
             if self.diversity is not None and (*key, "features") not in self._ref_cache:
                 from .diversity import reference_features
 
-                self._ref_cache[(*key, "features")] = reference_features(str(self.ref), self._ref_cache[key][0])
+                self._ref_cache[(*key, "features")] = (
+                    self.diversity_ref if self.diversity_ref is not None
+                    else reference_features(str(self.ref), self._ref_cache[key][0]))
 
     def __call__(self, gen: Generated) -> dict:
         from .fid import fid

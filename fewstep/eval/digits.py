@@ -5,7 +5,8 @@
   :class:`~pipelines.class_conditional.ClassConditionalPipeline` folder with a DDIM scheduler.
 * **classifier**: a small CNN (:class:`DigitsCNN`); its 64-d penultimate layer is the feature space of
   "digits-FID" (Fréchet distance to the 1,797 real digits) and of precision / recall / density / coverage
-  against the same digits (:mod:`fewstep.eval.diversity`), and its predictions give class accuracy.
+  (:mod:`fewstep.eval.diversity`; against ``1797 - num_images`` real digits, the other ``num_images`` real
+  digits giving the real-data floor at the same sizes), and its predictions give class accuracy.
 * **students**: one row per (label, config file, overrides) (:class:`StudentRow`); by default DMD2 1 and 4
   steps and Phased DMD 2 and 4 steps, a row whose config file does not exist being skipped with a message.
 
@@ -324,16 +325,19 @@ def data_floor(extractor, ref_stats: Path, n: int, seed: int = 0) -> float:
     return frechet_distance(extractor(to_rgb(x[idx])), FeatureStats.load(ref_stats))
 
 
-def diversity_floor(extractor, seed: int = 0, **kw) -> dict:
-    """Precision / recall / density / coverage of one random half of the real digits against the other half:
-    what real data scores at this sample size (the two halves are disjoint, unlike a subset vs all digits)."""
-    from .diversity import diversity_vs_reference
+def diversity_split(extractor, n: int, seed: int = 0) -> tuple:
+    """``(floor features, reference features)``: ``n`` random real digits and the other ``1797 - n``.
 
+    Precision / recall / density / coverage depend on the two set sizes, so every row is scored against the
+    same ``1797 - n`` real digits and the ``n`` held-out real digits, scored the same way, are the real-data
+    floor at exactly the rows' sizes (a subset scored against all digits would find itself in the reference).
+    """
     x, _ = load_digits_uint8()
-    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    if not 1 <= n <= len(x) - 100:
+        raise ValueError(f"the digits diversity split needs 1 <= num_images <= {len(x) - 100}, got {n}")
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)).numpy()
     feats = extractor(to_rgb(x))
-    half = len(x) // 2
-    return diversity_vs_reference(feats[idx[:half].numpy()], feats[idx[half:].numpy()], **kw)
+    return feats[idx[:n]], feats[idx[n:]]
 
 
 @dataclass(frozen=True)
@@ -487,7 +491,8 @@ def run_benchmark(out_dir: str = "runs/bench_digits", student_steps: Optional[Se
     times["students_s"] = time.perf_counter() - t0
     ext = load_feature_extractor(str(clf))
     div = dict(diversity or {})
-    suite = MetricSuite(extractor=ext, ref=str(ref), fid_name="digits_fid", diversity=div)
+    floor_feats, div_ref = diversity_split(ext, num_images)
+    suite = MetricSuite(extractor=ext, ref=str(ref), fid_name="digits_fid", diversity=div, diversity_ref=div_ref)
     t0 = time.perf_counter()
     res = compare(str(teacher), students, suite, num_images, teacher_steps, seed=0, batch_size=250,
                   student_names=names, log=log, progress=progress)
@@ -495,7 +500,9 @@ def run_benchmark(out_dir: str = "runs/bench_digits", student_steps: Optional[Se
     res["rows_spec"] = [{"label": r.label, "config": r.config, "overrides": list(r.overrides)} for r in todo]
     res["skipped"] = skipped
     res["data_floor_digits_fid"] = data_floor(ext, ref, num_images)
-    res["data_floor_diversity"] = diversity_floor(ext, **div)
+    from .diversity import diversity_vs_reference
+
+    res["data_floor_diversity"] = diversity_vs_reference(floor_feats, div_ref, **div)
     res["floor"] = {"digits_fid": res["data_floor_digits_fid"], "label": f"{num_images} real digits"}
     t50 = next((r for r in res["rows"] if r["model"] == "teacher" and r["steps"] == max(teacher_steps)), None)
     s1 = next((r for r in res["rows"] if r["model"] == "dmd2-1step"), None)
@@ -507,9 +514,10 @@ def run_benchmark(out_dir: str = "runs/bench_digits", student_steps: Optional[Se
     paths = write_outputs(res, out)
     fl = res["data_floor_diversity"]
     md = markdown(res) + (f"\nReal-data floor: {num_images} real digits vs the reference, digits-FID "
-                          f"{res['data_floor_digits_fid']:.4f}; one half of the real digits vs the other half: "
-                          f"precision {fl['precision']:.4f}, recall {fl['recall']:.4f}, density "
-                          f"{fl['density']:.4f}, coverage {fl['coverage']:.4f}.\n")
+                          f"{res['data_floor_digits_fid']:.4f}; precision / recall / density / coverage of every "
+                          f"row are measured against {len(div_ref)} real digits, and the other {num_images} "
+                          f"real digits score precision {fl['precision']:.4f}, recall {fl['recall']:.4f}, "
+                          f"density {fl['density']:.4f}, coverage {fl['coverage']:.4f}.\n")
     if "goal" in res:
         g = res["goal"]
         md += (f"Goal (DMD2 1-step within 1.2x of the teacher's {max(teacher_steps)}-step digits-FID): ratio "

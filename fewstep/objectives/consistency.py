@@ -109,6 +109,10 @@ class SLAMConfig(ConsistencyConfig):
     name: str = "slam"
     gamma_min: float = 0.0  # sub-path position gamma ~ U[gamma_min, gamma_max]; gamma = 1 is LCM
     gamma_max: float = 1.0
+    subpath_time: str = "start"  # time fed with the sub-path point: "start" (SLAM's t_{n+k}, z on the straight line)
+    #                              or "interp" (t_gamma = t_n + gamma (t_{n+k} - t_n), z the DDIM point at t_gamma)
+    gamma_power: float = 1.0  # gamma = gamma_min + (gamma_max - gamma_min) u^(1/p), u ~ U[0, 1]: density ~ g^(p-1)
+    loss_weight: str = "none"  # "none" or "gamma" (per-sample loss weighted by gamma, normalised by its batch mean)
     guidance_embedding: bool = False  # the embedding slot carries gamma; guidance is the fixed guidance_scale
 
 
@@ -263,15 +267,21 @@ class Consistency(Objective):
         return c.w_min + (c.w_max - c.w_min) * batch.rand(n)
 
     def student_input(self, x_hi, x_lo, t_hi, t_lo, cond, w, batch):
-        """(input, condition) of the online student and condition of the target; SLAM overrides this."""
+        """(input, time, condition) of the online student, condition of the target and per-sample loss weights
+        (None: unweighted); SLAM overrides this."""
         cw = self.with_slot(cond, w)
-        return x_hi, cw, cw
+        return x_hi, t_hi, cw, cw, None
 
-    def distance(self, a: Tensor, b: Tensor) -> Tensor:
+    def distance(self, a: Tensor, b: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+        a, b = a.float(), b.float()
         if self.config.loss == "l2":
-            return F.mse_loss(a.float(), b.float())
-        c = self.config.huber_c  # LCM's pseudo-Huber, element-wise
-        return (torch.sqrt((a.float() - b.float()) ** 2 + c * c) - c).mean()
+            d = (a - b) ** 2
+        else:
+            c = self.config.huber_c  # LCM's pseudo-Huber, element-wise
+            d = torch.sqrt((a - b) ** 2 + c * c) - c
+        if weight is None:
+            return d.mean()
+        return (d.flatten(1).mean(1) * weight.float()).mean()
 
     def loss(self, group, batch, step, nets):
         if group != "student":
@@ -290,12 +300,12 @@ class Consistency(Objective):
         with torch.no_grad():  # one guided teacher DDIM step t_{n+k} -> t_n
             x0_teacher = self._teacher_x0(x_hi, t_hi, cond, 1.0 + w)
             x_lo = sched.ddim_step(x0_teacher, x_hi, t_hi, t_lo)
-        z, cond_student, cond_target = self.student_input(x_hi, x_lo, t_hi, t_lo, cond, w, batch)
-        pred = self.consistency(nets["student"], z, t_hi, cond_student)
+        z, t_z, cond_student, cond_target, weight = self.student_input(x_hi, x_lo, t_hi, t_lo, cond, w, batch)
+        pred = self.consistency(nets["student"], z, t_z, cond_student)
         with torch.no_grad():
             target_net = self.target if self.target is not None else _plain(nets["student"])
             target = self.consistency(target_net, x_lo, t_lo, cond_target)
-        loss = self.distance(pred, target)
+        loss = self.distance(pred, target, weight)
         logs = {f"loss_{self.name}": loss.item(), "target_gap": (pred.detach() - target).abs().mean().item()}
         return LossOutput(loss, logs)
 
@@ -338,6 +348,12 @@ class SLAM(Consistency):
         if config.guidance_embedding:
             raise ValueError("objective slam uses the embedding slot for gamma: its guidance is the fixed "
                              "objective.guidance_scale; leave objective.guidance_embedding=false")
+        if config.subpath_time not in ("start", "interp"):
+            raise ValueError(f"objective.subpath_time must be 'start' or 'interp', got {config.subpath_time!r}")
+        if config.loss_weight not in ("none", "gamma"):
+            raise ValueError(f"objective.loss_weight must be 'none' or 'gamma', got {config.loss_weight!r}")
+        if not config.gamma_power > 0:
+            raise ValueError(f"objective.gamma_power must be > 0, got {config.gamma_power}")
         if not 0.0 <= config.gamma_min <= config.gamma_max <= 1.0:
             raise ValueError(f"objective.gamma_min/gamma_max must satisfy 0 <= gamma_min <= gamma_max <= 1, "
                              f"got {config.gamma_min}, {config.gamma_max}")
@@ -350,18 +366,48 @@ class SLAM(Consistency):
     def slot_for_sampling(self, n, device, guidance_scale=None):
         return torch.zeros((n,), device=device)  # gamma = 1 (stock pipelines: guidance_scale = 1)
 
-    def student_input(self, x_hi, x_lo, t_hi, t_lo, cond, w, batch):
-        """``z = gamma x_{n+k} + (1 - gamma) (a_{n+k} / a_n) x_hat_n``; target at ``(x_hat_n, t_n, gamma = 1)``."""
+    def draw_gamma(self, u: Tensor) -> Tensor:
+        """``gamma = gamma_min + (gamma_max - gamma_min) u^(1 / gamma_power)`` from ``u ~ U[0, 1]``."""
         c = self.config
-        gamma = c.gamma_min + (c.gamma_max - c.gamma_min) * batch.rand(x_hi.shape[0])  # drawn last: gamma = 1 is LCM
-        z = self.sub_path_point(x_hi, x_lo, t_hi, t_lo, gamma)
-        return z, self.with_slot(cond, gamma - 1.0), self.with_slot(cond, torch.zeros_like(gamma))
+        if c.gamma_power != 1.0:
+            u = u.pow(1.0 / c.gamma_power)
+        return c.gamma_min + (c.gamma_max - c.gamma_min) * u
 
-    def sub_path_point(self, x_hi, x_lo, t_hi, t_lo, gamma):
+    def student_input(self, x_hi, x_lo, t_hi, t_lo, cond, w, batch):
+        """Sub-path point ``z`` (see :meth:`sub_path_point`) at time ``t_{n+k}`` (``subpath_time=start``) or
+        ``t_gamma`` (``interp``); target at ``(x_hat_n, t_n, gamma = 1)``."""
+        c = self.config
+        gamma = self.draw_gamma(batch.rand(x_hi.shape[0]))  # drawn last: gamma = 1 is LCM
+        z, t_z = self.sub_path_point(x_hi, x_lo, t_hi, t_lo, gamma)
+        weight = gamma / gamma.mean().clamp_min(1e-12) if c.loss_weight == "gamma" else None
+        return z, t_z, self.with_slot(cond, gamma - 1.0), self.with_slot(cond, torch.zeros_like(gamma)), weight
+
+    def sub_path_point(self, x_hi, x_lo, t_hi, t_lo, gamma) -> tuple[Tensor, Tensor]:
+        """``(z, t_z)``.  ``start`` (SLAM): ``z = gamma x_{n+k} + (1 - gamma) (a_{n+k} / a_n) x_hat_n`` at
+        ``t_z = t_{n+k}``.  ``interp``: ``t_z = t_n + gamma (t_{n+k} - t_n)`` and ``z = a_z x0' + s_z eps'``, where
+        ``(x0', eps')`` solve ``x_{n+k} = a_{n+k} x0' + s_{n+k} eps'``, ``x_hat_n = a_n x0' + s_n eps'`` (the teacher
+        DDIM step's own x0 and eps): the DDIM point at ``t_z``, on the straight line between ``x_{n+k} / a_{n+k}``
+        and ``x_hat_n / a_n`` (``z / a`` is affine in ``s / a``), so ``z`` carries exactly the noise of ``t_z``.
+        Both give ``(x_{n+k}, t_{n+k})`` at ``gamma = 1``."""
         sched = self.teacher.schedule
-        ratio = sched.alpha(t_hi) / sched.alpha(t_lo)
-        g = _bcast(gamma.to(x_hi.dtype), x_hi)
-        return g * x_hi + (1 - g) * _bcast(ratio.to(x_hi.dtype), x_hi) * x_lo
+        if self.config.subpath_time == "start":
+            ratio = sched.alpha(t_hi) / sched.alpha(t_lo)
+            g = _bcast(gamma.to(x_hi.dtype), x_hi)
+            return g * x_hi + (1 - g) * _bcast(ratio.to(x_hi.dtype), x_hi) * x_lo, t_hi
+        else:
+            g = gamma.to(torch.float64)
+            t_hi64, t_lo64 = t_hi.to(torch.float64), t_lo.to(torch.float64)
+            t_z64 = t_lo64 + g * (t_hi64 - t_lo64)
+            a_h, s_h = sched.alpha(t_hi64).double(), sched.sigma(t_hi64).double()
+            a_l, s_l = sched.alpha(t_lo64).double(), sched.sigma(t_lo64).double()
+            a_z, s_z = sched.alpha(t_z64).double(), sched.sigma(t_z64).double()
+            det = a_h * s_l - a_l * s_h
+            a, b = (a_z * s_l - s_z * a_l) / det, (s_z * a_h - a_z * s_h) / det
+            a = torch.where(g == 1, torch.ones_like(a), a)  # exact at gamma = 1: (x_{n+k}, t_{n+k})
+            b = torch.where(g == 1, torch.zeros_like(b), b)
+            t_z = torch.where(g == 1, t_hi64, t_z64).to(t_hi.dtype)
+        z = _bcast(a.to(x_hi.dtype), x_hi) * x_hi + _bcast(b.to(x_hi.dtype), x_hi) * x_lo
+        return z, t_z
 
     def _export_guidance(self):
         note = (f"The teacher's guidance (s = {self.guidance:g}) is distilled in. Keep `guidance_scale=1`: "

@@ -90,8 +90,8 @@ class ExitCritics(nn.Module):
 
     ``forward(..., exit=k)`` (a per-sample LongTensor of exit indices) routes each sample to critic ``k``, so
     critic ``k`` is trained only on exit ``k``'s outputs and the DM gradient at exit ``k`` uses its score: each
-    exit's own distribution must match the data (``objective.backward_simulation=per_exit``).  Memory: ``K``
-    critics (and their optimizer state) instead of one.
+    exit's own distribution must match the data (``objective.backward_simulation=per_exit``).  Cost: ``K``
+    critics (and their optimizer state) instead of one, and each critic step runs on ``K`` batches.
     """
 
     def __init__(self, critics: list[Critic]):
@@ -134,7 +134,7 @@ class ExitCritics(nn.Module):
 
 
 BACKWARD_SIMULATION = {  # objective.backward_simulation values -> (exit rule, one critic per exit)
-    "per_exit": ("stratified", True),  # each exit matched to the data by its own critic (default)
+    "per_exit": ("stratified", True),  # one critic per exit, each on its exit's outputs (default)
     "dmd2": ("random", False),  # DMD2 (Yin et al. 2024, Sec. 4.5): random exit, one shared critic
     "random": ("random", False),  # alias of "dmd2"
     "last": ("last", False),  # train only the last exit
@@ -232,7 +232,8 @@ class DMD2(Objective):
         its x0 to ``times[k]``, and train there.  Exit rules (``objective.backward_simulation``):
         ``dmd2``/``random``: one random ``k`` per micro-batch (DMD2); ``last``: always ``K - 1``;
         ``per_exit``: exits stratified over the batch, sample ``i`` at ``(offset + i) % K`` with a random
-        offset (a random exit when the micro-batch is smaller than ``K``), each exit with its own critic.
+        offset (a random exit when the micro-batch is smaller than ``K``), each exit's DM gradient from its
+        own critic (the critics themselves train on every exit's outputs: :meth:`_all_exits`).
         With one shared critic (``dmd2``) the critic models the *mixture* of all exits' outputs, and the DM
         gradient only asks that mixture to match the data: the exits can settle where they compensate each
         other (each collapsed or too wide, the mixture right).  Per-exit critics ask it of every exit.
@@ -259,6 +260,25 @@ class DMD2(Objective):
                 else:
                     x = x.index_copy(0, go, self._renoised_step(student_plain, x[go], eps[go], cond[go], i))
         return x, times[exits], exits
+
+    @torch.no_grad()
+    def _all_exits(self, student_plain, batch: Batch, cond: Condition):
+        """Every exit's x0 for the whole batch, from one K-step rollout: ``(x0 (K*B, ...), exit (K*B,), cond)``.
+
+        The per-exit critics' data: each critic sees a full batch of its exit's outputs every step (with the
+        batch split between them, ``B/K`` each, the later exits' critics lag and those exits stay too narrow:
+        uneq6 2-step spread 0.80 vs 0.92, tools/multistep_ablation.py).  Critic compute is ``K`` times DMD2's.
+        """
+        n = batch.size
+        x = batch.randn((n, *self.teacher.sample_shape))
+        outs = []
+        for i in range(self.steps):
+            t = torch.full((n,), self.times[i], device=batch.device)
+            outs.append(student_plain(x, t, cond))
+            if i + 1 < self.steps:
+                x = self.teacher.schedule.add_noise(outs[-1], batch.randn(x.shape), torch.full_like(t, self.times[i + 1]))
+        exits = torch.arange(self.steps, device=batch.device).repeat_interleave(n)
+        return torch.cat(outs), exits, Condition.cat([cond] * self.steps)
 
     def _renoised_step(self, student_plain, x, eps, cond, i: int):
         """One student step from ``times[i]``: its x0, re-noised with ``eps`` to ``times[i + 1]``."""
@@ -324,9 +344,14 @@ class DMD2(Objective):
     def _critic_loss(self, batch: Batch, nets) -> LossOutput:
         c = self.config
         student, critic = _plain(nets["student"]), nets["critic"]
-        with torch.no_grad():
-            x_in, t_in, exits = self._backward_simulation(student, batch, batch.cond)
-            fake = student(x_in, t_in, batch.cond)
+        per_exit = _plain(critic).num_exits > 1
+        if per_exit:  # every critic on its own exit's x0 for the whole batch (one K-step rollout gives them all)
+            fake, exits, cond = self._all_exits(student, batch, batch.cond)
+        else:
+            with torch.no_grad():
+                x_in, t_in, exits = self._backward_simulation(student, batch, batch.cond)
+                fake = student(x_in, t_in, batch.cond)
+            cond = batch.cond
         xt, t, eps = self._noised(fake, batch, c.critic_t_min, 1.0)
         pred_kind = _plain(critic).denoiser.prediction
         target = self.teacher.schedule.target(pred_kind, fake, eps, t)
@@ -334,13 +359,15 @@ class DMD2(Objective):
         if c.gan_weight > 0:
             if batch.real is None:
                 raise ValueError("objective.gan_weight > 0 needs real samples (set data.images)")
-            real = batch.real[: batch.size]
+            reps = len(fake) // batch.size  # per-exit critics: every exit's head sees the whole real batch
+            real = batch.real[: batch.size].repeat(reps, *([1] * (batch.real.ndim - 1)))
+            real_cond = Condition.cat([batch.real_cond[: batch.size]] * reps)
             xr, tr, _ = self._noised(real, batch, c.critic_t_min, 1.0)
             x_all = torch.cat([xt, xr])
             t_all = torch.cat([t, tr])
-            cond_all = Condition.cat([batch.cond, batch.real_cond[: batch.size]])
+            cond_all = Condition.cat([cond, real_cond])
             _, native, logits = critic(x_all, t_all, cond_all, return_native=True, with_logits=True,
-                                       exit=torch.cat([exits, exits]))  # reals: each exit's head sees its share
+                                       exit=torch.cat([exits, exits]))
             n = xt.shape[0]
             loss_dsm = losses.dsm_loss(native[:n], target)
             loss_d = losses.gan_discriminator_loss(logits[:n], logits[n:])
@@ -348,7 +375,7 @@ class DMD2(Objective):
             logs.update(loss_gan_d=loss_d.item(), logits_fake=logits[:n].mean().item(),
                         logits_real=logits[n:].mean().item())
         else:
-            _, native = critic(xt, t, batch.cond, return_native=True, exit=exits)
+            _, native = critic(xt, t, cond, return_native=True, exit=exits)
             loss_dsm = losses.dsm_loss(native, target)
             total = loss_dsm
         logs["loss_critic_dsm"] = loss_dsm.item()
