@@ -160,7 +160,7 @@ CHECK = r"""
 import json, sys, torch
 torch.set_num_threads(1)
 from safetensors.torch import load_file
-from diffusers import DiffusionPipeline, StableDiffusion3Pipeline, StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline
 from fewstep.api import load_run
 from fewstep.export import check_roundtrip
 from fewstep.trainer import list_checkpoints
@@ -179,7 +179,7 @@ for run in sys.argv[1:]:
            "expert_timesteps": pipe.config.get("expert_timesteps"),
            "max_diff": check_roundtrip(run + "/pipeline", obj, teacher, obj.student, ["a red dog"])}
     kw = dict(num_inference_steps=meta["num_inference_steps"], guidance_scale=meta["guidance_scale"],
-              output_type="latent")
+              output_type="latent", **meta["call_kwargs"])
     if meta.get("custom_pipeline"):
         # diffusers alone: the folder's own code as a custom pipeline gives the same latents
         p2 = DiffusionPipeline.from_pretrained(run + "/pipeline", custom_pipeline=meta["custom_pipeline"],
@@ -189,7 +189,7 @@ for run in sys.argv[1:]:
         b = p2(["a red dog"], generator=torch.Generator().manual_seed(1), **kw).images
         out["custom_code"] = [type(p2).__name__, float((a - b).abs().max())]
         # the first expert alone (no switching) samples something else: the experts differ and are used
-        base = StableDiffusion3Pipeline if "transformer" in pipe.components else StableDiffusionXLPipeline
+        base = type(pipe).__mro__[2]  # the stock parent class (after the expert-switching mixin)
         comps = {k: v for k, v in pipe.components.items() if not k.startswith("expert_")}
         c = base(**comps)(["a red dog"], generator=torch.Generator().manual_seed(1), **kw).images
         out["first_expert_only"] = float((a - c).abs().max())
@@ -199,7 +199,7 @@ print("RESULT " + json.dumps(results))
 
 EXPORTS = {"sdxl-separate": ("sdxl", "separate", 0), "sdxl-shared": ("sdxl", "shared", 0),
            "sdxl-separate-lora": ("sdxl", "separate", 4), "sd3-separate": ("sd3", "separate", 0),
-           "sd3-shared": ("sd3", "shared", 0)}
+           "sd3-shared": ("sd3", "shared", 0), "flux-separate": ("flux", "separate", 0)}
 
 
 @pytest.fixture(scope="module")
@@ -210,21 +210,23 @@ def exports(tmp_path_factory):
     from fewstep.testing import save_tiny_pipeline
 
     root = tmp_path_factory.mktemp("phased_exports")
-    tiny = {k: save_tiny_pipeline(k, str(root / k)) for k in ("sdxl", "sd3")}
+    tiny = {k: save_tiny_pipeline(k, str(root / k)) for k in ("sdxl", "sd3", "flux")}
     prompts = root / "prompts.txt"
     prompts.write_text("a photo of a cat\na red dog\n")
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         for name, (family, experts, lora) in EXPORTS.items():
-            cfg = "configs/sd3_phased_dmd.yaml" if family == "sd3" else "configs/sdxl_phased_dmd.yaml"
+            cfg = "configs/sdxl_phased_dmd.yaml" if family == "sdxl" else "configs/sd3_phased_dmd.yaml"
             ov = [f"teacher.path={tiny[family]}", "teacher.dtype=float32", "student.steps=2",
                   f"student.lora_rank={lora}", f"objective.experts={experts}", "objective.critic_steps=1",
                   "train.max_steps=4", "train.batch_size=2", "train.lr=1e-2", "train.mixed_precision=no",
                   "train.checkpoint_every=4", "train.sample_every=0", "train.tracker=none",
                   f"data.prompts={prompts}", f"output_dir={root / name}"]
-            if family == "sd3":
+            if family != "sdxl":
                 ov.append("data.resolution=32")
+            if family == "flux":
+                ov.append("teacher.guidance_scale=3.5")  # Flux: guidance is an embedding input
             distill(load_config(str(ROOT / cfg), ov), log=lambda *a: None)
     finally:
         torch.set_num_threads(n)
@@ -241,15 +243,17 @@ def test_export_roundtrip(exports, name):
     res, root = exports
     family, experts, _ = EXPORTS[name]
     r = res[name]
-    stock = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}[family]
+    stock = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}[family]
     assert r["class"] == (stock if experts == "shared" else "Phased" + stock)
     if family == "sdxl":
         assert r["scheduler"] == "DDIMScheduler" and r["timesteps"] == [999.0, 499.0]
     else:
         assert r["scheduler"] == "FlowMatchEulerDiscreteScheduler" and r["timesteps"] == [1000.0, 500.0]
+        assert r["meta"]["guidance_scale"] == (3.5 if family == "flux" else 0.0)
     assert r["max_diff"] < 1e-4, r
     if experts == "separate":
-        assert r["expert_timesteps"] == r["timesteps"]
+        # in the units the pipeline hands its network: timesteps, or sigmas for Flux
+        assert r["expert_timesteps"] == [t / 1000 if family == "flux" else t for t in r["timesteps"]]
         assert r["custom_code"][1] < 1e-5, r
         assert r["first_expert_only"] > 1e-3, r
     assert "num_inference_steps=2" in (root / name / "pipeline" / "README.md").read_text()
