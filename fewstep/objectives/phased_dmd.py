@@ -33,13 +33,14 @@ from ..teachers.base import frozen
 from .base import Batch, LossOutput, Objective, ObjectiveConfig, register, sampler_for
 from .dmd import Critic, GANHead, _plain
 
-EXPERT_PIPELINES = {  # teacher family -> (pipelines/ class, its module) for separate experts
-    "sd15": ("PhasedStableDiffusionPipeline", "phased_sd15"),
-    "sdxl": ("PhasedStableDiffusionXLPipeline", "phased_sdxl"),
-    "sd3": ("PhasedStableDiffusion3Pipeline", "phased_sd3"),
-    "flux": ("PhasedFluxPipeline", "phased_flux"),
+EXPERT_PIPELINES = {  # teacher pipeline class -> (pipelines/ class with per-phase experts, its module)
+    "StableDiffusionPipeline": ("PhasedStableDiffusionPipeline", "phased_sd15"),
+    "StableDiffusionXLPipeline": ("PhasedStableDiffusionXLPipeline", "phased_sdxl"),
+    "StableDiffusion3Pipeline": ("PhasedStableDiffusion3Pipeline", "phased_sd3"),
+    "FluxPipeline": ("PhasedFluxPipeline", "phased_flux"),
+    "ClassConditionalPipeline": ("PhasedClassConditionalPipeline", "phased_class_conditional"),
 }
-NET_TIME_IS_SIGMA = ("flux",)  # families whose pipeline passes the network sigma in [0, 1], not timestep
+NET_TIME_IS_SIGMA = ("FluxPipeline",)  # pipelines that pass the network sigma in [0, 1], not a timestep
 
 
 @dataclass
@@ -346,11 +347,11 @@ class PhasedDMD(Objective):
                                          "rescale_betas_zero_snr": False}}
         spec.update(num_inference_steps=self.steps, guidance_scale=getattr(self.teacher, "export_guidance_scale", 0.0))
         if self.student.num_experts > 1:
-            family = self.teacher.family
-            if family not in EXPERT_PIPELINES:
-                raise ValueError(f"separate phased experts export for SD1.5/SDXL/SD3/Flux teachers; teacher family "
-                                 f"{family!r}: use objective.experts=shared")
-            spec["pipeline_class"], spec["pipeline_module"] = EXPERT_PIPELINES[family]
+            parent = type(getattr(self.teacher, "pipe", None)).__name__
+            if parent not in EXPERT_PIPELINES:
+                raise ValueError(f"separate phased experts export for {', '.join(EXPERT_PIPELINES)} teachers, not "
+                                 f"{parent}: use objective.experts=shared")
+            spec["pipeline_class"], spec["pipeline_module"] = EXPERT_PIPELINES[parent]
         return spec
 
     def export_modules(self, student) -> dict:
@@ -370,7 +371,8 @@ class PhasedDMD(Objective):
                 net = student.experts[k].net
             nets.append(net)
         sched = self.teacher.schedule  # the times as the pipeline hands them to the network
-        ts = [float(t) if self.teacher.family in NET_TIME_IS_SIGMA else float(sched.t_to_timestep(torch.tensor(t)))
+        sigma = type(self.teacher.pipe).__name__ in NET_TIME_IS_SIGMA
+        ts = [float(t) if sigma else float(sched.t_to_timestep(torch.tensor(t)))
               for t in self.times]
         out = {name: nets[0], "expert_timesteps": ts}
         out.update({f"expert_{k}": nets[k] for k in range(1, len(nets))})
