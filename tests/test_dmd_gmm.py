@@ -232,10 +232,10 @@ def test_per_exit_gan_exact_resume(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mixture", ["uneq6", "skew3"])
-def test_dmd2_two_step_default_matches_teacher(tmp_path, mixture):
-    """Default 2-step DMD2 (per-exit critics): all modes, energy <= 1.5x the teacher ODE's, within-mode spread 0.9-1.1."""
-    m = _distill(tmp_path, f"teacher.path=gmm:{mixture}", "student.steps=2")
+def test_dmd2_two_step_default_matches_teacher(tmp_path):
+    """Default 2-step DMD2 (per-exit critics) on uneq6, at the ablation's budget (5k steps; measured 1.45x, spread
+    0.92): all modes, energy <= 1.5x the teacher ODE's, within-mode spread 0.9-1.1."""
+    m = _distill(tmp_path, "teacher.path=gmm:uneq6", "student.steps=2", "train.max_steps=5000")
     ev = m["eval"]
     assert ev["student"]["modes_covered"] == ev["student"]["num_modes"], m["table"]
     assert ev["student"]["energy_distance"] <= 1.5 * ev["teacher"]["energy_distance"], m["table"]
@@ -245,8 +245,9 @@ def test_dmd2_two_step_default_matches_teacher(tmp_path, mixture):
 @pytest.mark.slow
 def test_dmd2_recipe_two_step_exits_compensate(tmp_path):
     """The published rule (random exit, one shared critic) on uneq6: the exits settle off the data (shifted in
-    opposite directions, each too narrow), energy far above the teacher ODE's (11.8x at 10k steps, seed 0)."""
-    m = _distill(tmp_path, "teacher.path=gmm:uneq6", "student.steps=2", "objective.backward_simulation=dmd2")
+    opposite directions, each too narrow), energy far above the teacher ODE's (9.2x at 5k steps, seed 0)."""
+    m = _distill(tmp_path, "teacher.path=gmm:uneq6", "student.steps=2", "objective.backward_simulation=dmd2",
+                 "train.max_steps=5000")
     assert m["eval"]["student"]["energy_distance"] > 3 * m["eval"]["teacher"]["energy_distance"], m["table"]
 
 

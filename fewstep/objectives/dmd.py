@@ -193,7 +193,8 @@ class DMD2(Objective):
             head = GANHead(teacher.feature_channels) if c.gan_weight > 0 else None  # before the network (same init)
             return Critic(teacher.new_network("critic"), head)
 
-        if per_exit and self.steps > 1:
+        self.per_exit = per_exit and self.steps > 1
+        if self.per_exit:
             self.critic = ExitCritics([one_critic() for _ in range(self.steps)])
         else:  # a 1-step student has one exit: every rule is plain DMD2
             self.critic = one_critic()
