@@ -1,7 +1,11 @@
 """``fewstep distill | export | sample | demo | eval``.
 
-Every user-facing failure (bad config, missing files, divergence, corrupt checkpoint) prints one line
-``fewstep: error: ...`` and exits non-zero, never a traceback.  ``FEWSTEP_DEBUG=1`` shows tracebacks.
+Every user-facing failure (bad config, missing files, divergence, corrupt checkpoint, a failed write) prints one
+line ``fewstep: error: ...`` and exits non-zero, never a traceback.  ``FEWSTEP_DEBUG=1`` shows tracebacks.
+
+Exit codes: 0 done; 1 training failed (non-finite loss, unreadable checkpoint); 2 bad input (config, data, teacher);
+74 a write failed (disk full, quota, file-size limit, permissions: EX_IOERR); 128 + N stopped by signal N after
+writing a checkpoint (130 SIGINT, 138 SIGUSR1, 143 SIGTERM; ``train.save_on_signal``): run the same command to resume.
 """
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ import os
 import shutil
 import sys
 from pathlib import Path
+
+EXIT_WRITE = 74  # a write failed (sysexits EX_IOERR)
 
 DEMO_OVERRIDES = [
     "teacher.path=gmm:ring8", "teacher.guidance_scale=1", "student.steps=1", "objective.name=dmd2",
@@ -156,7 +162,11 @@ def cmd_sample(args) -> int:
         x = objective.sample(student, noise, cond, num_steps=args.steps, generator=g)
     import numpy as np
 
-    np.save(args.out, x.numpy())
+    from .export import atomic_file
+
+    out = args.out if str(args.out).endswith(".npy") else f"{args.out}.npy"  # np.save's own naming
+    with atomic_file(out) as tmp, open(tmp, "wb") as f:
+        np.save(f, x.numpy())
     print(f"wrote {n} samples to {args.out}")
     return 0
 
@@ -180,7 +190,10 @@ def _sample_pipeline(args, path: Path) -> int:
     else:
         imgs = pipe(batch_size=n, num_inference_steps=steps, generator=g, output_type="np").images
         imgs = torch.as_tensor(imgs).permute(0, 3, 1, 2)
-    save_image(torch.as_tensor(imgs).float(), args.out, nrow=min(4, len(imgs)))
+    from .export import atomic_file
+
+    with atomic_file(args.out) as tmp:
+        save_image(torch.as_tensor(imgs).float(), str(tmp), nrow=min(4, len(imgs)))
     print(f"wrote a grid of {len(imgs)} images to {args.out} ({steps} steps)")
     return 0
 
@@ -203,7 +216,8 @@ def main(argv=None) -> int:
     from .config import ConfigError
     from .data import DataError
     from .teachers.unet import TeacherLoadError
-    from .trainer import CheckpointError, TrainingDiverged
+    from .export import WriteError, write_failure
+    from .trainer import CheckpointError, Preempted, TrainingDiverged
 
     handlers = {"distill": cmd_distill, "export": cmd_export, "sample": cmd_sample, "demo": cmd_demo,
                 "eval": cmd_eval}
@@ -216,6 +230,21 @@ def main(argv=None) -> int:
         msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
         print(f"fewstep: error: {msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
         return 2 if isinstance(e, (ConfigError, DataError, TeacherLoadError, FileNotFoundError)) else 1
+    except WriteError as e:
+        if os.environ.get("FEWSTEP_DEBUG"):
+            raise
+        print(f"fewstep: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return EXIT_WRITE
+    except Preempted as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"fewstep: {e}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:  # any other failed write (metrics.json, config.yaml): one line too
+        err = write_failure(e, e.filename or "a file")
+        if err is None or os.environ.get("FEWSTEP_DEBUG"):
+            raise
+        print(f"fewstep: error: {err}", file=sys.stderr)
+        return EXIT_WRITE
     except KeyboardInterrupt:
         print("fewstep: interrupted", file=sys.stderr)
         return 130

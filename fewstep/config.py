@@ -107,6 +107,7 @@ class TrainConfig:
     log_every: int = 10
     resume: bool = True  # resume from the newest checkpoint in output_dir
     tracker: str = "tensorboard"  # tensorboard or none
+    save_on_signal: bool = True  # SIGTERM/SIGINT/SIGUSR1: finish the step, write a checkpoint, exit 128 + signal
 
 
 @dataclass
@@ -114,6 +115,7 @@ class DataConfig:
     prompts: Optional[str] = None  # text file, one prompt a line
     images: Optional[str] = None  # folder of images (GAN / consistency terms)
     resolution: Optional[int] = None  # None: from the teacher's own config
+    on_bad_image: str = "error"  # error: stop at an unreadable image; skip: leave it out (each one logged)
 
 
 def _default_objective() -> dict:
@@ -143,6 +145,7 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 TEACHER_DTYPES = ("float32", "float16", "bfloat16")
 SCHEDULES = ("vp", "flow")
 TRACKERS = ("tensorboard", "none")
+ON_BAD_IMAGE = ("error", "skip")
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16",
                   "float": "float32", "torch.float32": "float32", "torch.float16": "float16",
                   "torch.bfloat16": "bfloat16"}
@@ -543,6 +546,7 @@ def validate_config(cfg: Config) -> Config:
             raise ConfigError(f"data.{key} must be a path or null, got ''")
     if d.resolution is not None and d.resolution < 1:
         raise ConfigError(f"data.resolution must be a positive integer or null, got {_short(d.resolution)}")
+    _one_of("data.on_bad_image", d.on_bad_image, ON_BAD_IMAGE)
 
     name = cfg.objective.get("name") if isinstance(cfg.objective, dict) else None
     if not isinstance(cfg.objective, dict):

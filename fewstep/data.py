@@ -91,6 +91,42 @@ def list_images(folder: str) -> list[Path]:
     return files
 
 
+def image_problem(f) -> Optional[str]:
+    """Why ``f`` cannot be used as an image (fully decoded: truncated files are caught), or None when it can."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(f) as im:
+            im.load()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        return str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+    return None
+
+
+def usable_images(files: Sequence[Path], min_images: int = 1, log=None, where: str = "") -> list[Path]:
+    """``data.on_bad_image=skip``: the files that decode; each skipped file is logged by name, then the total.
+
+    Fewer than ``min_images`` (one batch) left is a DataError."""
+    import sys
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    good, bad = [], 0
+    for f in files:
+        why = image_problem(f)
+        if why is None:
+            good.append(f)
+        else:
+            bad += 1
+            log(f"fewstep: warning: skipping unreadable image {f} ({why})")
+    if bad:
+        log(f"fewstep: warning: skipped {bad} of {len(files)} images in {where or 'the image folder'} "
+            f"(data.on_bad_image=skip); {len(good)} remain")
+    if len(good) < min_images:
+        raise DataError(f"only {len(good)} readable images in {where or 'the image folder'} ({bad} skipped); "
+                        f"need at least one batch ({min_images})")
+    return good
+
+
 def load_images(files: Sequence[Path], size: int) -> Tensor:
     """Images as a float tensor in [-1, 1], (N, 3, size, size), center-cropped and resized."""
     from PIL import Image, UnidentifiedImageError
@@ -147,10 +183,14 @@ def load_images_uint8(files: Sequence[Path], size: Optional[int] = None) -> Tens
 class DataSource:
     """What a run reads: prompts and/or real samples.  Built from ``DataConfig``; lazily loaded."""
 
-    def __init__(self, prompts: Optional[str] = None, images: Optional[str] = None):
+    def __init__(self, prompts: Optional[str] = None, images: Optional[str] = None, on_bad_image: str = "error",
+                 min_images: int = 1):
         self.prompts_path = prompts
         self.images_path = images
+        self.on_bad_image = on_bad_image  # "error": an unreadable image stops the run; "skip": it is left out
+        self.min_images = min_images  # with "skip": fewer readable images than this (one batch) is an error
         self._prompts: Optional[list[str]] = None
+        self._images: Optional[list[Path]] = None
         self.opened: list[str] = []  # what was actually read (data-free objectives assert this stays empty)
 
     @property
@@ -170,6 +210,14 @@ class DataSource:
     def image_files(self) -> list[Path]:
         if not self.images_path:
             raise DataError("real images are needed (GAN term): set data.images to a folder of images")
-        files = list_images(self.images_path)
+        if self._images is None:
+            files = list_images(self.images_path)
+            if self.on_bad_image == "skip":
+                import os
+
+                quiet = os.environ.get("RANK", "0") != "0"  # one log under torchrun
+                files = usable_images(files, self.min_images, log=(lambda m: None) if quiet else None,
+                                      where=self.images_path)
+            self._images = files
         self.opened.append(self.images_path)
-        return files
+        return list(self._images)

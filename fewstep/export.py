@@ -4,13 +4,233 @@ The folder uses the teacher's own pipeline class and a stock scheduler configure
 ``pipe(prompt, num_inference_steps=K, guidance_scale=0)`` reproduces the training-time sampler, plus a
 model card.  Where no stock pipeline can (multi-jump flow maps), ``export_spec()["pipeline_class"]`` names
 a class of ``pipelines/`` (a subclass of the teacher's), and the folder carries its code.  Analytic (GMM) students are saved as ``student.safetensors`` + ``student.json`` instead.
+
+Every folder is written atomically (``atomic_dir``): into ``.tmp-NAME-PID`` beside the target, fsynced, renamed into
+place; an existing export is renamed aside and deleted only once the new one is in place.
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+# ---- safe writes --------------------------------------------------------------------------------
+# Every folder fewstep writes (checkpoints, exports, the toy student) is written into a ``.tmp-*`` folder beside
+# its target, fsynced, and renamed into place; a failed write removes the temp folder and names the path, the
+# reason and the free space in one line (WriteError).
+
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EROFS, errno.EPERM, errno.EIO}
+TMP_PREFIX = ".tmp-"
+_OS_ERROR_IN_TEXT = re.compile(r"os error (\d+)")  # Rust I/O errors (safetensors): "... (os error 27)"
+_CUT_SHORT = ("unexpected pos", "iostream error", "PytorchStreamWriter failed")  # torch.save's zip writer
+
+
+class WriteError(RuntimeError):
+    """A checkpoint, sample grid or export could not be written (disk full, quota, file-size limit, permissions).
+
+    ``str(e)`` is one line naming the path, the reason and the free space; ``e.errno`` the errno where known."""
+
+    def __init__(self, message: str, errno_: int | None = None):
+        super().__init__(message)
+        self.errno = errno_
+
+
+def _errno_of(exc: BaseException):
+    """The errno behind a failed write (OSError, safetensors' Rust I/O error text), or None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno:
+            return exc.errno
+        m = _OS_ERROR_IN_TEXT.search(str(exc))
+        if m:
+            return int(m.group(1))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _free_space(path: Path) -> str:
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        free = shutil.disk_usage(p).free
+    except OSError:
+        return ""
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if free >= div:
+            return f"{free / div:.1f} {unit} free on {p}"
+    return f"{free} bytes free on {p}"
+
+
+def _file_size_limit():
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        return None if soft == resource.RLIM_INFINITY else soft
+    except (ImportError, OSError, ValueError):
+        return None
+
+
+def _cause_of_cut_short(written, path):
+    """The errno a write that ended without one (torch.save's zip writer) most likely hit, judged from what it left."""
+    limit = _file_size_limit()
+    if written is not None and limit is not None:
+        root = Path(written)
+        files = [root] if root.is_file() else (list(root.rglob("*")) if root.is_dir() else [])
+        if any(f.is_file() and f.stat().st_size >= limit for f in files):
+            return errno.EFBIG
+    try:
+        p = Path(path).absolute()
+        while not p.exists() and p != p.parent:
+            p = p.parent
+        if shutil.disk_usage(p).free < (1 << 20):
+            return errno.ENOSPC
+    except OSError:
+        pass
+    return None
+
+
+def write_failure(exc: BaseException, path, what: str = "", written=None) -> "WriteError | None":
+    """A one-line WriteError for ``exc`` when it is a failed write (ENOSPC, EDQUOT, EFBIG, EACCES, ...), else None.
+
+    ``written``: the temp file/folder the write went to (still there), to tell a file-size limit from a full disk
+    when the writer gave no errno."""
+    if isinstance(exc, WriteError):
+        return exc
+    code = _errno_of(exc)
+    text = " ".join(str(e) for e in (exc, exc.__context__) if e is not None)
+    if code is None and any(s in text for s in _CUT_SHORT):
+        code = _cause_of_cut_short(written, path)
+        if code is None:
+            code = -1
+    if code == -1:
+        reason = "the write was cut short (disk full, quota or a file-size limit)"
+        code = None
+    elif code in WRITE_ERRNOS:
+        reason = os.strerror(code)
+    else:
+        return None
+    extra = []
+    limit = _file_size_limit()
+    if limit is not None and code in (errno.EFBIG, None):
+        extra.append(f"file-size limit (ulimit -f) is {limit} bytes")
+    free = _free_space(Path(path))
+    if free:
+        extra.append(free)
+    return WriteError(f"cannot write {what}{path}: {reason}" + (f"; {'; '.join(extra)}" if extra else ""), code)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file under ``root``, then each folder (deepest first), so a renamed folder is complete on disk."""
+    dirs = []
+    for d, _, files in os.walk(root):
+        dirs.append(d)
+        for f in files:
+            _fsync(Path(d) / f)
+    for d in reversed(dirs):
+        _fsync(Path(d))
+
+
+def _old_name(target: Path) -> Path:
+    return target.parent / f"{TMP_PREFIX}{target.name}-old"
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Rename the complete folder ``tmp`` to ``target``; an existing ``target`` is renamed aside first and deleted
+    only after the new one is in place (a crash in between leaves ``.tmp-NAME-old``, restored at the next start)."""
+    old = _old_name(target)
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(target, old)
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            os.rename(old, target)
+            raise
+    else:
+        os.rename(tmp, target)
+    _fsync(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_stale(parent: Path, name: str = "") -> list[Path]:
+    """Remove ``.tmp-NAME*`` folders/files left in ``parent`` by a crash; a ``.tmp-NAME-old`` whose target is gone is
+    renamed back (the crash fell between the two renames of ``replace_dir``).  Returns what was removed."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return []
+    removed = []
+    for p in sorted(parent.glob(f"{TMP_PREFIX}{name}*")):
+        if p.is_dir() and p.name.endswith("-old"):
+            target = parent / p.name[len(TMP_PREFIX):-len("-old")]
+            if not target.exists():
+                os.rename(p, target)
+                continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+@contextmanager
+def atomic_dir(target, what: str = "export "):
+    """Yield a temp folder beside ``target``; on success fsync it and rename it to ``target`` (replacing an old one
+    only now).  On failure remove it, keep ``target`` as it was, and raise a one-line WriteError for write faults."""
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(target.parent, target.name + "-")
+        tmp = target.parent / f"{TMP_PREFIX}{target.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise (write_failure(e, target, what) or e) from None
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        replace_dir(tmp, target)
+    except BaseException as e:
+        err = write_failure(e, target, what, written=tmp) if isinstance(e, Exception) else None
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err is not None:
+            raise err from None
+        raise
+
+
+@contextmanager
+def atomic_file(target, what: str = ""):
+    """Yield a temp path beside ``target`` (same suffix, so writers that pick the format by extension work); on
+    success rename it to ``target``.  On failure remove it and raise a one-line WriteError for write faults."""
+    target = Path(target)
+    tmp = target.parent / f"{TMP_PREFIX}{target.stem}-{os.getpid()}{target.suffix}"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException as e:
+        err = write_failure(e, target, what, written=tmp) if isinstance(e, Exception) else None
+        tmp.unlink(missing_ok=True)
+        if err is not None:
+            raise err from None
+        raise
 
 
 def _scheduler_from_spec(teacher_scheduler, spec: dict):
@@ -43,13 +263,21 @@ def _call_kwargs(teacher) -> dict:
 
 
 def export_pipeline(teacher, student, objective, out_dir, run_config: dict | None = None) -> Path:
-    """Write ``out_dir`` (a diffusers pipeline folder) for a diffusers-teacher student."""
-    out = Path(out_dir)
+    """Write ``out_dir`` (a diffusers pipeline folder) for a diffusers-teacher student.
+
+    Atomic: written into ``.tmp-NAME-PID`` beside ``out_dir`` and renamed into place when complete; an existing
+    export is replaced only then.  A failed write raises a one-line WriteError and leaves ``out_dir`` as it was."""
+    target = Path(out_dir)
+    with atomic_dir(target) as tmp:
+        _write_pipeline(teacher, student, objective, tmp, run_config)
+    return target
+
+
+def _write_pipeline(teacher, student, objective, out: Path, run_config: dict | None) -> None:
     spec = objective.export_spec()
     pipe = teacher.pipe
     scheduler = _scheduler_from_spec(pipe.scheduler, spec)
     unet = getattr(student, "net", student)
-    out.mkdir(parents=True, exist_ok=True)
     if getattr(unet, "peft_config", None):  # LoRA student: a LoRA file for load_lora_weights, and merged weights
         import copy
 
@@ -79,7 +307,6 @@ def export_pipeline(teacher, student, objective, out_dir, run_config: dict | Non
         "custom_pipeline": spec.get("pipeline_module"),
     }, indent=2))
     (out / "README.md").write_text(model_card(teacher, objective, spec, run_config))
-    return out
 
 
 def model_card(teacher, objective, spec: dict, run_config: dict | None) -> str:
@@ -131,11 +358,16 @@ def _default_guidance_note(teacher) -> str:
 
 
 def save_toy_student(student, objective, teacher, out_dir) -> Path:
-    """Analytic-teacher students: weights as safetensors and a JSON description."""
+    """Analytic-teacher students: weights as safetensors and a JSON description (written atomically)."""
+    target = Path(out_dir)
+    with atomic_dir(target) as tmp:
+        _write_toy_student(student, objective, teacher, tmp)
+    return target
+
+
+def _write_toy_student(student, objective, teacher, out: Path) -> None:
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     net = getattr(student, "net", None)  # None: a multi-network student (phased experts), rebuilt by its objective
     sd = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
     save_file(sd, str(out / "student.safetensors"))
@@ -146,7 +378,6 @@ def save_toy_student(student, objective, teacher, out_dir) -> Path:
         # the new_network keywords that rebuild this network (guidance embedding, residual-only, ...)
         "network": net.spec() if hasattr(net, "spec") else {},
     }, indent=2))
-    return out
 
 
 def load_toy_student(teacher, out_dir, objective=None):

@@ -7,6 +7,14 @@ atomic checkpoints with exact resume, tensorboard, a tqdm bar, sample grids, and
 Randomness: every micro-batch draws all of its noise from a CPU generator seeded by
 ``(train.seed, step, group, micro-batch, process)``, so a run is a pure function of its config and
 resume is exact without saving a data-loader position.
+
+Preemption: SIGTERM, SIGINT and SIGUSR1 (``train.save_on_signal``) let the current optimisation step finish, write a
+checkpoint and raise :class:`Preempted` (the CLI exits with 128 + the signal number).  Under torchrun the ranks agree
+on the stop with one all-reduce of two integers per step, so all of them stop after the same step.
+
+Writes: a checkpoint is written into ``checkpoints/.tmp-checkpoint-STEP``, every file and then the folder are
+fsynced, and it is renamed into place; a failed write (disk full, quota, file-size limit, permissions) removes the
+temp folder and raises a one-line :class:`~fewstep.export.WriteError`; stale ``.tmp-*`` folders are removed at start.
 """
 from __future__ import annotations
 
@@ -14,6 +22,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -23,9 +33,12 @@ import torch
 from torch import nn
 
 from .conditions import Condition
+from .export import TMP_PREFIX, WriteError, clean_stale, fsync_tree, replace_dir, write_failure
 from .objectives.base import Batch
 
 CKPT_PREFIX = "checkpoint-"
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")  # train.save_on_signal: finish the step, checkpoint, exit 128 + N
+HISTORY_LEN = 1000  # logged rows kept in memory (metrics.json shows the tail); bounded so RSS does not grow
 
 
 class TrainingDiverged(RuntimeError):
@@ -34,6 +47,16 @@ class TrainingDiverged(RuntimeError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be read."""
+
+
+class Preempted(Exception):
+    """A stop signal arrived: the step in flight finished and a checkpoint was written.  Exit with ``exit_code``."""
+
+    def __init__(self, signum: int, step: int, checkpoint):
+        self.signum, self.step, self.checkpoint = int(signum), int(step), checkpoint
+        self.exit_code = 128 + self.signum
+        super().__init__(f"stopped by {signal.Signals(self.signum).name} after step {step}; checkpoint: {checkpoint}; "
+                         f"run the same command to resume")
 
 
 def _seed_for(*parts: int) -> int:
@@ -100,7 +123,8 @@ class Trainer:
             m.to(self.device)
             self.acc.register_for_checkpointing(m)
         self.step = 0
-        self.history: list[dict] = []
+        self.history: list[dict] = []  # the last HISTORY_LEN logged rows
+        self._signal = 0  # first stop signal received (0: none)
 
     @staticmethod
     def _trainable(module: nn.Module) -> list:
@@ -121,27 +145,50 @@ class Trainer:
 
     # ---- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoints/checkpoint-STEP`` atomically: save into a temp dir, then rename."""
+        """Write ``checkpoints/checkpoint-STEP`` atomically: save into a temp dir, fsync its files and then the dir,
+        rename.  A failed write removes the temp dir (the previous checkpoint stays) and raises a WriteError on
+        every process."""
         root = self.run_dir / "checkpoints"
         final = root / f"{CKPT_PREFIX}{self.step:07d}"
-        tmp = root / f".tmp-{CKPT_PREFIX}{self.step:07d}"
-        if self.acc.is_main_process:
+        tmp = root / f"{TMP_PREFIX}{CKPT_PREFIX}{self.step:07d}"
+        main = self.acc.is_main_process
+        err: Optional[BaseException] = None
+
+        def phase(fn, on_all: bool):
+            nonlocal err
+            if err is None and (on_all or main):
+                try:
+                    fn()
+                except Exception as e:  # noqa: BLE001 - classified below; anything else is re-raised
+                    err = e
+            if self._any_process(err is not None) and err is None:
+                err = WriteError(f"cannot write checkpoint {final}: another process failed to write its part")
+
+        def prepare():
             root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
-        self.acc.wait_for_everyone()
-        self.acc.save_state(str(tmp))
-        self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
+
+        def commit():
             with open(tmp / "fewstep_state.json", "w") as f:
                 json.dump({"step": self.step, "objective": self.obj.name}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            fsync_tree(tmp)  # every file, then the folder: a checkpoint with a complete name is complete on disk
+            replace_dir(tmp, final)  # an existing one (same step) is renamed aside, deleted once the new is in
             for old in list_checkpoints(self.run_dir)[: -max(1, self.cfg.train.keep_checkpoints)]:
                 shutil.rmtree(old, ignore_errors=True)
-        self.acc.wait_for_everyone()
+
+        try:
+            phase(prepare, on_all=False)
+            phase(lambda: self.acc.save_state(str(tmp)), on_all=True)
+            phase(commit, on_all=False)
+        except BaseException:  # interrupted (KeyboardInterrupt with save_on_signal off): no half-written folder
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if err is not None:
+            failure = err if isinstance(err, WriteError) else write_failure(err, final, "checkpoint ", written=tmp)
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise (failure or err) from None
         return final
 
     def maybe_resume(self) -> Optional[Path]:
@@ -170,6 +217,46 @@ class Trainer:
     def _any_process(self, bad: bool) -> bool:
         flag = torch.tensor([1.0 if bad else 0.0], device=self.device)
         return float(self.acc.reduce(flag, "sum")) > 0
+
+    # ---- preemption ---------------------------------------------------------------------------
+    def _on_signal(self, signum, frame) -> None:
+        """Signal handler: remember the first stop signal; the loop checks it after the step in flight."""
+        name = signal.Signals(signum).name
+        if self._signal:
+            msg = f"\nfewstep: got {name} while stopping; still finishing the step and checkpoint\n"
+        else:
+            self._signal = signum
+            msg = f"\nfewstep: got {name}; finishing the current step, then writing a checkpoint\n"
+        if self.acc.is_local_main_process:
+            os.write(2, msg.encode())  # not print(): a signal handler may interrupt a print in progress
+
+    def _install_signal_handlers(self) -> dict:
+        if not self.cfg.train.save_on_signal or threading.current_thread() is not threading.main_thread():
+            return {}
+        old = {}
+        for name in STOP_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                old[sig] = signal.signal(sig, self._on_signal)
+        return old
+
+    def _agree(self, sig: int, failed: bool) -> tuple[int, bool]:
+        """(stop signal, failure) as seen by any process: one all-reduce (max) of two ints when world size > 1."""
+        if self.acc.num_processes == 1:
+            return sig, failed
+        import torch.distributed as dist
+
+        flags = torch.tensor([int(sig), int(failed)], dtype=torch.int64, device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return int(flags[0]), bool(flags[1])
+
+    def _clean_stale(self) -> None:
+        """Remove ``.tmp-*`` folders a crash left in the run folder (checkpoints, samples, exports)."""
+        if self.acc.is_main_process:
+            for d in (self.run_dir, self.run_dir / "checkpoints", self.run_dir / "samples"):
+                for p in clean_stale(d):
+                    self.log(f"removed {p} (left by an interrupted write)")
+        self.acc.wait_for_everyone()
 
     def train_step(self) -> dict:
         tc = self.cfg.train
@@ -212,6 +299,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         tc = self.cfg.train
+        self._clean_stale()
         resumed = self.maybe_resume()
         if resumed is not None:
             self.log(f"resumed from {resumed} at step {self.step}")
@@ -228,6 +316,8 @@ class Trainer:
         start = self.step
         last_good = resumed
         throttle = float(os.environ.get("FEWSTEP_STEP_SLEEP", "0"))  # testing aid: slow steps down (seconds)
+        self._signal = 0
+        old_handlers = self._install_signal_handlers()
         try:
             while self.step < tc.max_steps:
                 try:
@@ -242,21 +332,49 @@ class Trainer:
                     logs["steps_per_sec"] = (self.step - start) / max(time.time() - t0, 1e-9)
                     self.acc.log(logs, step=self.step)
                     self.history.append({"step": self.step, **logs})
+                    if len(self.history) > 2 * HISTORY_LEN:
+                        del self.history[:-HISTORY_LEN]
                     short = {k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items() if k.endswith("loss")}
                     bar.set_postfix(short)
                 bar.update(1)
+                saved = False
                 if self.step % tc.checkpoint_every == 0 or self.step == tc.max_steps:
-                    if not self._params_finite():
-                        where = f"; last good checkpoint: {last_good}" if last_good else ""
-                        raise TrainingDiverged(f"non-finite parameters after step {self.step}{where}")
-                    last_good = self.save_checkpoint()
+                    last_good = self._checked_save(last_good)
+                    saved = True
+                sample_error = None
                 if on_sample is not None and tc.sample_every and self.step % tc.sample_every == 0 \
                         and self.acc.is_main_process:
-                    on_sample(self, self.step)
+                    try:
+                        on_sample(self, self.step)
+                    except WriteError as e:
+                        sample_error = e
+                sig, failed = self._agree(self._signal, sample_error is not None)
+                if failed:  # every process stops, not only the one whose write failed
+                    raise sample_error or WriteError("stopped: the main process could not write a sample grid")
+                if sig:
+                    if not saved:
+                        last_good = self._checked_save(last_good)
+                    self._signal = sig
+                    raise Preempted(sig, self.step, last_good)
+        except WriteError as e:
+            where = f"; last good checkpoint: {last_good}" if last_good else "; no checkpoint was written yet"
+            raise WriteError(f"{e}{where}", e.errno) from None
+        except Preempted:
+            bar.close()
+            self.acc.end_training()  # flush trackers; leave the process group cleanly
+            raise
         finally:
             bar.close()
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
         self.acc.wait_for_everyone()
         return {"steps": self.step, "train_seconds": time.time() - t0, "last_checkpoint": str(last_good)}
+
+    def _checked_save(self, last_good) -> Path:
+        if not self._params_finite():
+            where = f"; last good checkpoint: {last_good}" if last_good else ""
+            raise TrainingDiverged(f"non-finite parameters after step {self.step}{where}")
+        return self.save_checkpoint()
 
     def final_student(self) -> nn.Module:
         """The student to export: EMA weights when EMA is on."""
