@@ -6,9 +6,12 @@ Generator gradient (Algorithm 1 of DMD): ``(D_F(x_t) - D_T(x_t)) / mean|x - D_T(
 ``t ~ U(min_t, max_t)``, teacher with CFG, critic without.
 DMD adds a regression loss on teacher ODE pairs cached at start-up; DMD2 drops it, updates the critic
 every step and the student every ``critic_steps`` (two time-scale rule), optionally adds a GAN head on
-the critic's bottleneck features, and trains multi-step students with backward simulation: by default
-(``backward_simulation=per_exit``) with one critic per exit, so that every exit's output distribution is
-matched to the data; ``dmd2`` is the published rule (a random exit, one critic for the mixture of exits).
+the critic's bottleneck features, and trains multi-step students (``objective.backward_simulation``):
+by default (``phased``) exit k is trained in phase k of the run, one exit after another, against a critic
+restarted from the teacher for each phase, with the DM and critic times inside the exit's own noise range
+``(t_{k+1}, t_k]`` (Phased DMD's schedule with one shared network and DMD2's re-noising sampler: this file
+delegates to :class:`~fewstep.objectives.phased_dmd.PhasedDMD`); ``per_exit`` keeps one critic per exit,
+all exits at once; ``dmd2`` is the published rule (a random exit, one critic for the mixture of exits).
 """
 from __future__ import annotations
 
@@ -134,7 +137,8 @@ class ExitCritics(nn.Module):
 
 
 BACKWARD_SIMULATION = {  # objective.backward_simulation values -> (exit rule, one critic per exit)
-    "per_exit": ("stratified", True),  # one critic per exit, each on its exit's outputs (default)
+    "phased": ("phased", False),  # exits trained one after another, DM times in each exit's range (default)
+    "per_exit": ("stratified", True),  # one critic per exit, each on its exit's outputs
     "dmd2": ("random", False),  # DMD2 (Yin et al. 2024, Sec. 4.5): random exit, one shared critic
     "random": ("random", False),  # alias of "dmd2"
     "last": ("last", False),  # train only the last exit
@@ -156,10 +160,11 @@ class DMD2Config(ObjectiveConfig):
     reg_pairs: int = 1024  # number of cached (noise, teacher ODE sample) pairs
     reg_ode_steps: int = 50  # teacher DDIM steps used to make the pairs
     critic_t_min: float = 0.001  # critic denoising time range (all t)
-    # multi-step students (backward simulation): "per_exit" (a random exit per sample, one critic per exit),
-    # "dmd2" (alias "random": a random exit, one critic for all exits, the published recipe) or "last" (always
-    # the last exit); see BACKWARD_SIMULATION
-    backward_simulation: str = "per_exit"
+    # multi-step students: "phased" (exits trained one after another, each in its own noise range), "per_exit"
+    # (every exit at once, one critic per exit), "dmd2" (alias "random": a random exit, one critic for all
+    # exits, the published recipe) or "last" (always the last exit); see BACKWARD_SIMULATION
+    backward_simulation: str = "phased"
+    phase_steps: int = 0  # "phased": steps per exit; 0 splits train.max_steps evenly
 
 
 @dataclass
@@ -187,6 +192,21 @@ class DMD2(Objective):
         self.exit_rule, per_exit = BACKWARD_SIMULATION[c.backward_simulation]
         if c.gan_weight < 0 or c.reg_weight < 0:
             raise ValueError("objective.gan_weight and objective.reg_weight must be >= 0")
+        self.phased = None
+        if self.exit_rule == "phased" and self.steps > 1:
+            if c.reg_weight > 0:
+                raise ValueError("objective.reg_weight > 0 (DMD regression) with a multi-step student needs "
+                                 "objective.backward_simulation=per_exit, dmd2 or last, not phased")
+            from .phased_dmd import PhasedDMD, PhasedDMDConfig
+
+            self.phased = PhasedDMD(PhasedDMDConfig(
+                experts="shared", transition="renoise", dm_times="phase", phase_steps=c.phase_steps, min_t=c.min_t,
+                max_t=c.max_t, critic_steps=c.critic_steps, critic_lr_scale=c.critic_lr_scale,
+                critic_t_min=c.critic_t_min, guidance_scale=c.guidance_scale, gan_weight=c.gan_weight,
+                gan_disc_weight=c.gan_disc_weight), teacher, student_steps)
+            self.student, self.critic = self.phased.student, self.phased.critic
+            self.guidance, self.disc_weight, self.reg, self.per_exit = self.phased.guidance, 0.0, None, False
+            return
         self.student = teacher.new_network("student")
 
         def one_critic():
@@ -205,6 +225,18 @@ class DMD2(Objective):
     # ---- contract -------------------------------------------------------------------------------
     def networks(self):
         return {"student": self.student, "critic": self.critic}
+
+    def set_max_steps(self, max_steps):
+        if self.phased is not None:
+            self.phased.set_max_steps(max_steps)
+
+    def reset_groups(self, step):
+        return self.phased.reset_groups(step) if self.phased is not None else []
+
+    def sample(self, student, noise, cond, num_steps=None, generator=None):
+        if self.phased is not None:
+            return self.phased.sample(student, noise, cond, num_steps, generator)
+        return super().sample(student, noise, cond, num_steps, generator)
 
     def plan(self, step):
         if step % self.config.critic_steps == 0:
@@ -294,6 +326,8 @@ class DMD2(Objective):
 
     # ---- losses ---------------------------------------------------------------------------------
     def loss(self, group, batch, step, nets):
+        if self.phased is not None:
+            return self.phased.loss(group, batch, step, nets)
         if group == "student":
             return self._student_loss(batch, nets)
         if group == "critic":

@@ -47,6 +47,8 @@ NET_TIME_IS_SIGMA = ("FluxPipeline",)  # pipelines that pass the network sigma i
 class PhasedDMDConfig(ObjectiveConfig):
     name: str = "phased_dmd"
     experts: str = "separate"  # separate: one expert per phase (paper); shared: one network for every phase
+    transition: str = "ddim"  # between phases: deterministic "ddim"/Euler move, or "renoise" (x0, then fresh noise:
+    #                           DMD2/LCM's sampler, exported on the stock LCMScheduler)
     phase_steps: int = 0  # optimisation steps per phase; 0 splits train.max_steps evenly over the K phases
     dm_times: str = "phase"  # DM/critic times: within the "phase" (t_{k+1}, t_k], or all "above" t_{k+1} (t_{k+1}, 1]
     min_t: float = 0.02  # DM time range, as fractions of that interval
@@ -132,6 +134,8 @@ class PhasedDMD(Objective):
         c = config
         if c.experts not in ("separate", "shared"):
             raise ValueError(f"objective.experts must be 'separate' or 'shared', got {c.experts!r}")
+        if c.transition not in ("ddim", "renoise"):
+            raise ValueError(f"objective.transition must be 'ddim' or 'renoise', got {c.transition!r}")
         if c.dm_times not in ("above", "phase"):
             raise ValueError(f"objective.dm_times must be 'above' or 'phase', got {c.dm_times!r}")
         if c.critic_target not in ("unbiased", "naive"):
@@ -142,7 +146,7 @@ class PhasedDMD(Objective):
             raise ValueError(f"objective.critic_steps must be >= 1 and objective.phase_steps >= 0, "
                              f"got {c.critic_steps}, {c.phase_steps}")
         n = getattr(teacher.schedule, "num_train_timesteps", None)
-        if n and n % self.steps:
+        if n and n % self.steps and c.transition == "ddim":
             raise ValueError(f"phased_dmd on a {n}-step teacher needs student.steps dividing {n} (1, 2, 4, 5, 8, ...) "
                              f"so that a stock DDIMScheduler reproduces the sampler; got {self.steps}")
         self.bounds = [*self.times, 0.0]  # phase k: t_k -> t_{k+1}
@@ -213,20 +217,24 @@ class PhasedDMD(Objective):
     def lr_scale(self, group):
         return self.config.critic_lr_scale if group == "critic" else 1.0
 
-    def _step(self, student, x: Tensor, k: int, cond: Condition) -> tuple[Tensor, Tensor]:
-        """Expert k from ``x_{t_k}``: (x0-prediction, ``x_{t_{k+1}}`` by a deterministic DDIM/Euler move)."""
+    def _step(self, student, x: Tensor, k: int, cond: Condition, randn=None) -> tuple[Tensor, Tensor]:
+        """Expert k from ``x_{t_k}``: (x0-prediction, ``x_{t_{k+1}}``): a deterministic DDIM/Euler move, or
+        (``transition=renoise``) the x0-prediction diffused to ``t_{k+1}`` with fresh noise from ``randn(shape)``."""
         t = torch.full((x.shape[0],), self.bounds[k], device=x.device)
         x0 = student(x, t, cond)
         if k == self.steps - 1:
             return x0, x0
-        return x0, self.teacher.schedule.ddim_step(x0, x, t, torch.full_like(t, self.bounds[k + 1]))
+        s = torch.full_like(t, self.bounds[k + 1])
+        if self.config.transition == "renoise":
+            return x0, self.teacher.schedule.add_noise(x0, randn(x0.shape), s)
+        return x0, self.teacher.schedule.ddim_step(x0, x, t, s)
 
     @torch.no_grad()
     def _phase_input(self, student_plain, batch: Batch, k: int) -> Tensor:
         """``x_{t_k}`` from the frozen experts 0..k-1, run from noise."""
         x = batch.randn((batch.size, *self.teacher.sample_shape))
         for j in range(k):
-            _, x = self._step(student_plain, x, j, batch.cond)
+            _, x = self._step(student_plain, x, j, batch.cond, batch.randn)
         return x
 
     def _sub_times(self, k: int, lo: float, hi: float, batch: Batch) -> Tensor:
@@ -254,7 +262,7 @@ class PhasedDMD(Objective):
         c = self.config
         student, critic = nets["student"], nets["critic"]
         x_in = self._phase_input(_plain(student), batch, k)
-        x0, x_out = self._step(student, x_in, k, batch.cond)
+        x0, x_out = self._step(student, x_in, k, batch.cond, batch.randn)
         t = self._sub_times(k, c.min_t, c.max_t, batch)
         xt, _, _ = self._renoised(x_out, k, t, batch)
         with torch.no_grad():
@@ -297,7 +305,7 @@ class PhasedDMD(Objective):
         critic = nets["critic"]
         x_in = self._phase_input(_plain(nets["student"]), batch, k)
         with torch.no_grad():
-            _, x_s = self._step(_plain(nets["student"]), x_in, k, batch.cond)
+            _, x_s = self._step(_plain(nets["student"]), x_in, k, batch.cond, batch.randn)
         t = self._sub_times(k, c.critic_t_min, 1.0, batch)
         kind = _plain(critic).denoiser.prediction
         xt, target, weight = self.critic_targets(kind, x_s, k, t, batch)
@@ -330,6 +338,8 @@ class PhasedDMD(Objective):
         """The phased sampler: expert k at ``t_k``, a deterministic DDIM/Euler move to ``t_{k+1}``, ..., x0."""
         if num_steps not in (None, self.steps):
             raise ValueError(f"a phased student samples with its {self.steps} trained steps, got num_steps={num_steps}")
+        if self.config.transition == "renoise":  # DMD2/LCM's sampler, fresh noise drawn as the stock scheduler does
+            return super().sample(student, noise, cond, generator=generator)
         x = noise
         for k in range(self.steps):
             x0, x = self._step(student, x, k, cond)
@@ -338,7 +348,9 @@ class PhasedDMD(Objective):
     def export_spec(self) -> dict:
         """Stock DDIM (VP, ``trailing`` grid = the student's) or flow Euler scheduler; experts need our pipeline."""
         sched = self.teacher.schedule
-        if sched.kind == "flow":
+        if self.config.transition == "renoise":
+            spec = sampler_for(sched, self.steps, renoise=True)
+        elif sched.kind == "flow":
             spec = sampler_for(sched, self.steps, renoise=False)
         else:
             spec = {"scheduler": "DDIMScheduler",
