@@ -24,16 +24,9 @@ def load_teacher(tcfg):
     path = tcfg.path
     if not path:
         raise ConfigError("teacher.path is required (a hub id, a local diffusers pipeline folder, or gmm:NAME)")
-    if path.startswith("gmm:"):
-        from .teachers.gmm import GMMTeacher, load_mixture
+    from .teachers.load import load_teacher as _load
 
-        spec = path[4:]
-        if tcfg.schedule not in ("vp", "flow"):
-            raise ConfigError(f"teacher.schedule must be 'vp' or 'flow', got {tcfg.schedule!r}")
-        return GMMTeacher(load_mixture(spec), tcfg.schedule, tcfg.guidance_scale, name=spec)
-    from .teachers.unet import load_diffusers_teacher
-
-    return load_diffusers_teacher(path, tcfg.guidance_scale, tcfg.dtype, tcfg.revision, tcfg.variant)
+    return _load(path, tcfg.guidance_scale, tcfg.dtype, tcfg.revision, tcfg.variant, schedule=tcfg.schedule)
 
 
 def build_objective_config(name: str, values: dict):

@@ -39,7 +39,7 @@ def test_adapter_x0_equals_scheduler_step_by_hand(flow_pipes, family, guidance):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
     from fewstep.teachers.transformer import DiffusersTransformerTeacher
-    from fewstep.teachers.unet import load_diffusers_teacher
+    from fewstep.teachers.load import load_diffusers_teacher
 
     teacher = load_diffusers_teacher(flow_pipes[family], guidance_scale=guidance)
     assert isinstance(teacher, DiffusersTransformerTeacher) and teacher.family == family
@@ -361,7 +361,7 @@ def test_vp_only_option_on_a_flow_teacher_is_an_error():
 
 def test_transformer_without_needed_conditioning(flow_pipes, tmp_path):
     from fewstep.conditions import Condition
-    from fewstep.teachers.unet import TeacherLoadError, load_diffusers_teacher
+    from fewstep.teachers.load import TeacherLoadError, load_diffusers_teacher
     from fewstep.testing import save_tiny_pipeline
 
     teacher = load_diffusers_teacher(flow_pipes["sd3"], guidance_scale=4.0)

@@ -62,7 +62,7 @@ class MetricSuite:
             out.update({k: r[k] for k in (*DIVERSITY_COLUMNS, "diversity") if k in r})
             out["feature_extractor"] = r["feature_extractor"]
         if self.extractor is not None and gen.labels is not None and getattr(self.extractor, "num_classes", 0):
-            from .digits import class_accuracy
+            from .features import class_accuracy
 
             out["class_accuracy"] = class_accuracy(self.extractor, gen.images, gen.labels)
         if self.clip is not None and gen.prompts:

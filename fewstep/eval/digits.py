@@ -305,10 +305,7 @@ def ensure_teacher(cfg: TeacherConfig = TeacherConfig(), log: Callable = print, 
 
 
 # ---- metrics --------------------------------------------------------------------------------------
-def class_accuracy(extractor, images: Tensor, labels: Tensor) -> float:
-    """Fraction of ``images`` (uint8) that the digits classifier assigns to the requested ``labels``."""
-    pred = extractor.logits(images).argmax(1)
-    return float((pred == labels.to(pred.device)).float().mean())
+from .features import class_accuracy  # noqa: E402,F401  (kept importable from here)
 
 
 # ---- the benchmark --------------------------------------------------------------------------------

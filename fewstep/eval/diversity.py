@@ -147,7 +147,6 @@ def reference_features(ref: str, ref_feats: Optional[np.ndarray] = None) -> np.n
     """The reference's features: those of a reference folder, or the ``features`` array of a ``.npz``
     statistics file (written by ``fewstep eval fid --diversity --save-ref-stats``)."""
     from ..data import DataError
-    from .fid import load_stats_features
 
     if ref_feats is not None:
         return ref_feats
@@ -167,3 +166,14 @@ def diversity_vs_reference(feats: np.ndarray, ref_feats: np.ndarray, k_pr: int =
     return {k: r[k] for k in DIVERSITY_KEYS if k in r} | {
         "diversity": {"k_pr": k_pr, "k_dc": k_dc, "num_ref": r["num_real"], "num_images": r["num_fake"],
                       "method": "precision/recall: Kynkaanniemi et al. 2019; density/coverage: Naeem et al. 2020"}}
+
+
+def load_stats_features(path) -> Optional[np.ndarray]:
+    """The ``features`` array of a ``.npz`` statistics file (float64), or None when it holds none."""
+    try:
+        with np.load(Path(path), allow_pickle=False) as d:
+            return np.asarray(d["features"], np.float64) if "features" in d else None
+    except Exception as e:
+        from ..data import DataError
+
+        raise DataError(f"cannot read statistics file {path}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None

@@ -260,3 +260,9 @@ def load_feature_net(path: str):
     except RuntimeError as e:
         raise DataError(f"feature network {path} does not match architecture {meta['arch']}: {_first_line(e)}") from None
     return net.eval(), meta
+
+
+def class_accuracy(extractor, images, labels) -> float:
+    """Fraction of ``images`` (uint8) that a classifier feature network assigns to the requested ``labels``."""
+    pred = extractor.logits(images).argmax(1)
+    return float((pred == labels.to(pred.device)).float().mean())

@@ -79,13 +79,7 @@ class FeatureStats:
                             f"'{extractor_name}'; recompute them or pass the same --feature-extractor")
 
 
-def load_stats_features(path) -> Optional[np.ndarray]:
-    """The ``features`` array of a ``.npz`` statistics file (float64), or None when it holds none."""
-    try:
-        with np.load(Path(path), allow_pickle=False) as d:
-            return np.asarray(d["features"], np.float64) if "features" in d else None
-    except Exception as e:
-        raise DataError(f"cannot read statistics file {path}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+from .diversity import load_stats_features  # noqa: E402,F401  (lives with the features it reads)
 
 
 # ---- the distance --------------------------------------------------------------------------------

@@ -28,64 +28,7 @@ from ..conditions import Condition
 from ..sampling import ode_sample
 from ..teachers.base import frozen
 from .base import Batch, LossOutput, Objective, ObjectiveConfig, register
-
-
-class GANHead(nn.Module):
-    """Small classifier on bottleneck features: conv stack + global pool for maps, an MLP for vectors."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.channels = channels
-        self.conv = nn.Sequential(
-            nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(_groups(channels), channels), nn.SiLU(),
-            nn.Conv2d(channels, channels, 3, padding=1), nn.SiLU())
-        self.mlp = nn.Sequential(nn.Linear(channels, channels), nn.SiLU())
-        self.out = nn.Linear(channels, 1)
-
-    def forward(self, feats: Tensor) -> Tensor:
-        if feats.ndim == 4:
-            h = self.conv(feats).mean((2, 3))
-        else:
-            h = self.mlp(feats)
-        return self.out(h).squeeze(-1)
-
-
-def _groups(c: int) -> int:
-    for g in (32, 16, 8, 4, 2, 1):
-        if c % g == 0:
-            return g
-    return 1
-
-
-class Critic(nn.Module):
-    """The fake-score denoiser, and the GAN head reading its bottleneck, behind one ``forward``.
-
-    One module per trainable group keeps DDP/FSDP gradient synchronisation correct: every call that
-    trains the critic goes through this ``forward``.
-    """
-
-    num_exits = 1  # one critic for every exit of a multi-step student (see ExitCritics)
-
-    def __init__(self, denoiser: nn.Module, head: Optional[GANHead] = None):
-        super().__init__()
-        self.denoiser = denoiser
-        self.head = head
-
-    @property
-    def schedule(self):
-        return self.denoiser.schedule
-
-    def forward(self, x_t, t, cond, return_native: bool = False, with_logits: bool = False,
-                exit: Optional[Tensor] = None):
-        """x0 (and the native prediction, and GAN logits) of the fake score; ``exit`` is accepted and ignored
-        (one critic for every exit: the DMD2 recipe)."""
-        if with_logits:
-            if self.head is None:
-                raise ValueError("critic has no GAN head (objective.gan_weight is 0)")
-            x0, native, feats = self.denoiser(x_t, t, cond, return_native=True, return_features=True)
-            logits = self.head(feats.float())
-            return (x0, native, logits) if return_native else (x0, logits)
-        return self.denoiser(x_t, t, cond, return_native=return_native)
+from .critics import Critic, GANHead, _plain  # noqa: F401  (re-exported)
 
 
 class ExitCritics(nn.Module):
@@ -453,8 +396,3 @@ class DMD2(Objective):
 class DMD(DMD2):
     name = "dmd"
     Config = DMDConfig
-
-
-def _plain(module: nn.Module) -> nn.Module:
-    """The module without a DDP/FSDP wrapper (for frozen use inside another group's loss)."""
-    return getattr(module, "module", module)

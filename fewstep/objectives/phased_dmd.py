@@ -31,7 +31,7 @@ from ..conditions import Condition
 from ..schedules import _bcast
 from ..teachers.base import frozen
 from .base import Batch, LossOutput, Objective, ObjectiveConfig, register, sampler_for
-from .dmd import Critic, GANHead, _plain
+from .critics import Critic, GANHead, _plain
 
 EXPERT_PIPELINES = {  # teacher pipeline class -> (pipelines/ class with per-phase experts, its module)
     "StableDiffusionPipeline": ("PhasedStableDiffusionPipeline", "phased_sd15"),

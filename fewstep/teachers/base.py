@@ -21,6 +21,10 @@ from ..conditions import Condition
 from ..schedules import NoiseSchedule, _bcast
 
 
+class TeacherLoadError(ValueError):
+    """One-line, user-facing problem loading a teacher."""
+
+
 class Denoiser(nn.Module):
     """``forward(x_t, t, cond, guidance_scale=None) -> x0`` around a native-prediction network."""
 

@@ -21,8 +21,7 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections, as
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class TeacherLoadError(ValueError):
-    """One-line, user-facing problem loading a teacher."""
+from .base import TeacherLoadError  # noqa: E402  (re-exported: fewstep.teachers.unet.TeacherLoadError)
 
 
 def guidance_embedding(w: Tensor, dim: int) -> Tensor:
@@ -300,35 +299,3 @@ def image_captions(folder, files) -> list[str]:
         rel = fp.relative_to(root).as_posix() if fp.is_relative_to(root) else fp.name
         out.append(table.get(rel, table.get(fp.name, fp.stem.replace("_", " "))))
     return out
-
-
-def load_diffusers_teacher(path: str, guidance_scale: float = 1.0, dtype: str = "float32",
-                           revision: Optional[str] = None, variant: Optional[str] = None) -> Teacher:
-    """``DiffusionPipeline.from_pretrained`` on a hub id or local folder, wrapped as a fewstep teacher."""
-    from pipelines import load_pipeline
-
-    if dtype not in DTYPES:
-        raise TeacherLoadError(f"teacher.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if dtype != "float32" and not torch.cuda.is_available():
-        print(f"fewstep: warning: teacher.dtype={dtype} on a CPU is slow or unsupported; loading float32 instead")
-        dtype = "float32"
-    p = Path(path)
-    looks_local = path.startswith((".", "/", "~")) or p.exists()
-    if looks_local and not (p / "model_index.json").is_file():
-        raise TeacherLoadError(f"teacher path {path} is not a diffusers pipeline folder (no model_index.json)")
-    try:
-        pipe = load_pipeline(path, dtype=DTYPES[dtype], revision=revision, variant=variant)  # + pipelines/ classes
-    except Exception as e:  # hub errors, offline errors, bad folders: one line for the user
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TeacherLoadError(f"cannot load teacher {path!r}: {msg}") from None
-    pipe.set_progress_bar_config(disable=True)
-    for name in ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "vae", "transformer"):
-        m = getattr(pipe, name, None)
-        if m is not None:
-            m.requires_grad_(False)
-            m.eval()
-    if getattr(pipe, "transformer", None) is not None:  # flow transformers (SD3, Flux): their own adapter
-        from .transformer import DiffusersTransformerTeacher
-
-        return DiffusersTransformerTeacher(pipe, guidance_scale, source=path)
-    return DiffusersUNetTeacher(pipe, guidance_scale, source=path)
