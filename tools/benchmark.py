@@ -33,10 +33,12 @@ SUITE = {
     # name: overrides on configs/gmm_dmd2.yaml
     "dmd2-1step": [],
     "dmd2-1step-critic1": ["objective.critic_steps=1"],
-    # multi-step: the default exit rule (per_exit: one critic per exit), the published DMD2 rule (random exit,
-    # one shared critic) and training only the last exit; on uneq6 (unequal weights/stds) as well, where the
-    # shared critic lets the exits collapse within modes (tools/multistep_ablation.py runs the full grid)
+    # multi-step: the default exit rule (phased: exits one after another), per-exit critics, the published DMD2
+    # rule (random exit, one shared critic) and training only the last exit; on uneq6 (unequal weights/stds) as
+    # well, where the shared critic lets the exits collapse within modes (tools/multistep_ablation.py: full grid)
     "dmd2-2step": ["student.steps=2"],
+    "dmd2-2step-per-exit": ["student.steps=2", "objective.backward_simulation=per_exit"],
+    "dmd2-4step-per-exit": ["student.steps=4", "objective.backward_simulation=per_exit"],
     "dmd2-2step-recipe": ["student.steps=2", "objective.backward_simulation=dmd2"],
     "dmd2-2step-last": ["student.steps=2", "objective.backward_simulation=last"],
     "dmd2-4step": ["student.steps=4"],
@@ -54,12 +56,23 @@ SUITE = {
     "flow_map-1step-predictor-only": ["teacher.schedule=flow", *FLOW_MAP, "objective.corrector_fraction=0"],
     "flow_map-1step-corrector-only": ["teacher.schedule=flow", *FLOW_MAP, "objective.corrector_fraction=1"],
     "flow_map-4step": ["teacher.schedule=flow", *FLOW_MAP, "student.steps=4"],
+    # Phased DMD (separate experts, DDIM transitions, DM times inside each phase), and its ablations
+    "phased_dmd-2step": ("gmm_phased_dmd.yaml", ["student.steps=2"]),
+    "phased_dmd-4step": ("gmm_phased_dmd.yaml", ["student.steps=4"]),
+    "phased_dmd-4step-uneq6": ("gmm_phased_dmd.yaml", ["student.steps=4", "teacher.path=gmm:uneq6"]),
+    "phased_dmd-4step-uneq6-dm-above": ("gmm_phased_dmd.yaml", ["student.steps=4", "teacher.path=gmm:uneq6",
+                                                                "objective.dm_times=above"]),
+    "phased_dmd-4step-uneq6-shared": ("gmm_phased_dmd.yaml", ["student.steps=4", "teacher.path=gmm:uneq6",
+                                                              "objective.experts=shared"]),
+    "phased_dmd-4step-flow": ("gmm_phased_dmd.yaml", ["student.steps=4", "teacher.schedule=flow"]),
     # trajectory objectives, each from its own config: consistency (LCM), SLAM, BOOT (data-free)
     "consistency-1step": ("gmm_consistency.yaml", []),
     "consistency-2step": ("gmm_consistency.yaml", ["student.steps=2"]),
     "consistency-4step": ("gmm_consistency.yaml", ["student.steps=4"]),
     "consistency-2step-fixed-w": ("gmm_consistency.yaml", ["student.steps=2", "objective.guidance_embedding=false"]),
     "slam-1step": ("gmm_slam.yaml", ["student.steps=1"]),
+    "slam-1step-start": ("gmm_slam.yaml", ["student.steps=1", "objective.subpath_time=start",
+                                           "objective.loss_weight=none"]),
     "slam-2step": ("gmm_slam.yaml", ["student.steps=2"]),
     "slam-4step": ("gmm_slam.yaml", ["student.steps=4"]),
     "boot-1step": ("gmm_boot.yaml", []),
