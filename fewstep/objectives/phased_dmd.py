@@ -185,14 +185,17 @@ class PhasedDMD(Objective):
     def set_max_steps(self, max_steps: int) -> None:
         self.max_steps = int(max_steps)
         if self.config.phase_steps == 0 and self.max_steps < self.steps:
-            raise ValueError(f"train.max_steps={max_steps} leaves phased_dmd's {self.steps} phases no steps each")
+            import sys
+
+            print(f"fewstep: warning: train.max_steps={max_steps} is fewer than the {self.steps} phases: the last "
+                  f"{self.steps - self.max_steps} phase(s) get no training step", file=sys.stderr)
 
     def phase_length(self) -> int:
         if self.config.phase_steps:
             return self.config.phase_steps
         if self.max_steps is None:
             raise RuntimeError("phased_dmd needs objective.phase_steps or set_max_steps(train.max_steps)")
-        return -(-self.max_steps // self.steps)
+        return max(1, -(-self.max_steps // self.steps))
 
     def phase(self, step: int) -> int:
         return min(step // self.phase_length(), self.steps - 1)
