@@ -96,6 +96,12 @@ class PhasedStudent(nn.Module):
             raise AttributeError("a PhasedStudent with separate experts has no single 'net'")
         return self.experts[0].net
 
+    @net.setter
+    def net(self, value):
+        if self.num_experts != 1:
+            raise AttributeError("a PhasedStudent with separate experts has no single 'net'")
+        self.experts[0].net = value
+
     def phase_of(self, t: float) -> int:
         return min(sum(1 for g in self.times if g > float(t) + 1e-6), len(self.times) - 1)
 
