@@ -96,11 +96,13 @@ class PhasedStudent(nn.Module):
             raise AttributeError("a PhasedStudent with separate experts has no single 'net'")
         return self.experts[0].net
 
-    @net.setter
-    def net(self, value):
-        if self.num_experts != 1:
-            raise AttributeError("a PhasedStudent with separate experts has no single 'net'")
-        self.experts[0].net = value
+    def __setattr__(self, name, value):
+        if name == "net":  # replace the shared expert's network (e.g. with exported weights)
+            if self.num_experts != 1:
+                raise AttributeError("a PhasedStudent with separate experts has no single 'net'")
+            self.experts[0].net = value
+            return
+        super().__setattr__(name, value)
 
     def phase_of(self, t: float) -> int:
         return min(sum(1 for g in self.times if g > float(t) + 1e-6), len(self.times) - 1)
