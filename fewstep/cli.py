@@ -103,8 +103,9 @@ def cmd_export(args) -> int:
     from .export import export_pipeline
 
     cfg, teacher, data, objective = load_run(args.run_dir)
-    if teacher.family == "gmm":
-        raise ConfigError("GMM students are not diffusers pipelines; sample them with `fewstep sample RUN_DIR --out x.npy`")
+    if not teacher.exports_pipeline:
+        raise ConfigError(f"{teacher.family.upper()} students are not diffusers pipelines; "
+                          "sample them with `fewstep sample RUN_DIR --out x.npy`")
     out = Path(args.out or Path(args.run_dir) / "pipeline")
     src = Path(args.run_dir) / "pipeline"
     student = objective.student
@@ -134,16 +135,13 @@ def cmd_sample(args) -> int:
         return _sample_pipeline(args, path)
     from .api import load_run
     from .config import ConfigError
-    from .export import load_toy_student
 
     cfg, teacher, data, objective = load_run(str(path))
-    if teacher.family != "gmm":
+    if teacher.exports_pipeline:
         if (path / "pipeline" / "model_index.json").is_file():
             return _sample_pipeline(args, path / "pipeline")
         raise ConfigError(f"{path} has no exported pipeline; run `fewstep export {path}` first")
-    if not (path / "student" / "student.safetensors").is_file():
-        raise ConfigError(f"{path} has no trained student yet (student/student.safetensors)")
-    student = load_toy_student(teacher, path / "student", objective)
+    student = teacher.load_student(path / teacher.student_folder, objective)
     n = args.num_samples or 1000
     if n < 1:
         raise ConfigError(f"--num-samples must be >= 1, got {n}")
@@ -153,7 +151,7 @@ def cmd_sample(args) -> int:
     else:
         from .conditions import Condition
 
-        k = teacher.mixture.num_classes
+        k = teacher.num_classes
         if not 0 <= args.class_label < k:
             raise ConfigError(f"--class must be in 0..{k - 1}, got {args.class_label}")
         cond = Condition(class_labels=torch.full((n,), args.class_label, dtype=torch.long))

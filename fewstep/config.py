@@ -108,6 +108,7 @@ class TrainConfig:
     resume: bool = True  # resume from the newest checkpoint in output_dir
     tracker: str = "tensorboard"  # tensorboard or none
     save_on_signal: bool = True  # SIGTERM/SIGINT/SIGUSR1: finish the step, write a checkpoint, exit 128 + signal
+    progress: str = "auto"  # auto (a bar on a terminal, else lines), bar (tqdm), lines (a plain line now and then), none
 
 
 @dataclass

@@ -3,7 +3,9 @@
 The folder uses the teacher's own pipeline class and a stock scheduler configured so the default call
 ``pipe(prompt, num_inference_steps=K, guidance_scale=0)`` reproduces the training-time sampler, plus a
 model card.  Where no stock pipeline can (multi-jump flow maps), ``export_spec()["pipeline_class"]`` names
-a class of ``pipelines/`` (a subclass of the teacher's), and the folder carries its code.  Analytic (GMM) students are saved as ``student.safetensors`` + ``student.json`` instead.
+a class of ``pipelines/`` (a subclass of the teacher's), and the folder carries its code.  Teachers that are not
+pipelines (the analytic GMM) save their students themselves (``Teacher.save_student``); this module imports nothing
+from fewstep.
 
 Every folder is written atomically (``atomic_dir``): into ``.tmp-NAME-PID`` beside the target, fsynced, renamed into
 place; an existing export is renamed aside and deleted only once the new one is in place.
@@ -258,8 +260,7 @@ def _pipeline_class(pipe, spec: dict):
 
 def _call_kwargs(teacher) -> dict:
     """Extra arguments of the recommended call (e.g. Flux's trained resolution)."""
-    fn = getattr(teacher, "call_kwargs", None)
-    return fn() if fn is not None else {}
+    return teacher.call_kwargs()
 
 
 def export_pipeline(teacher, student, objective, out_dir, run_config: dict | None = None) -> Path:
@@ -314,7 +315,7 @@ def model_card(teacher, objective, spec: dict, run_config: dict | None) -> str:
 
     k, g = spec["num_inference_steps"], spec["guidance_scale"]
     extra = "".join(f", {a}={b!r}" for a, b in _call_kwargs(teacher).items())
-    if getattr(teacher, "text_conditioned", False):
+    if teacher.text_conditioned:
         call = f'pipe("a photo of a cat", num_inference_steps={k}, guidance_scale={g}{extra})'
     else:
         call = f"pipe(batch_size=4, num_inference_steps={k})"
@@ -352,51 +353,20 @@ def model_card(teacher, objective, spec: dict, run_config: dict | None) -> str:
 
 
 def _default_guidance_note(teacher) -> str:
-    if getattr(teacher, "embedded_guidance", None) is not None:  # Flux (guidance-distilled)
+    if teacher.embedded_guidance is not None:  # Flux (guidance-distilled)
         return "guidance_scale is the value of Flux's guidance embedding the student was trained with."
     return "Guidance is distilled in; a higher value would run the teacher-style CFG on the student."
 
 
 def save_toy_student(student, objective, teacher, out_dir) -> Path:
-    """Analytic-teacher students: weights as safetensors and a JSON description (written atomically)."""
-    target = Path(out_dir)
-    with atomic_dir(target) as tmp:
-        _write_toy_student(student, objective, teacher, tmp)
-    return target
-
-
-def _write_toy_student(student, objective, teacher, out: Path) -> None:
-    from safetensors.torch import save_file
-
-    net = getattr(student, "net", None)  # None: a multi-network student (phased experts), rebuilt by its objective
-    sd = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
-    save_file(sd, str(out / "student.safetensors"))
-    (out / "student.json").write_text(json.dumps({
-        "objective": objective.name, "student_steps": objective.steps, "times": objective.times,
-        "teacher": teacher.describe(), "mixture": teacher.mixture.to_json(),
-        "jump": bool(getattr(getattr(net, "residual", None), "jump", False)),  # flow-map student
-        # the new_network keywords that rebuild this network (guidance embedding, residual-only, ...)
-        "network": net.spec() if hasattr(net, "spec") else {},
-    }, indent=2))
+    """Old name of ``teacher.save_student`` for students in the teacher's own format (the analytic GMM's)."""
+    teacher.save_student(student, objective, out_dir)
+    return Path(out_dir)
 
 
 def load_toy_student(teacher, out_dir, objective=None):
-    """The saved student, in the objective's own student module when given (the network it trained)."""
-    from safetensors.torch import load_file
-
-    meta = Path(out_dir) / "student.json"
-    info = json.loads(meta.read_text()) if meta.is_file() else {}
-    kw = dict(info.get("network", {}))
-    if info.get("jump"):
-        kw["jump"] = True
-    if objective is not None:
-        student = objective.student_module(objective.networks())
-    else:
-        student = teacher.new_network("student", **kw)
-    sd = load_file(str(Path(out_dir) / "student.safetensors"))
-    student.load_state_dict(sd)
-    student.eval()
-    return student
+    """Old name of ``teacher.load_student`` (the analytic GMM's ``student.safetensors`` + ``student.json``)."""
+    return teacher.load_student(out_dir, objective)
 
 
 def check_roundtrip(out_dir, objective, teacher, student, cond_prompts=None, seed: int = 0, atol: float = 1e-3,
@@ -416,7 +386,7 @@ def check_roundtrip(out_dir, objective, teacher, student, cond_prompts=None, see
     renoise = spec.get("scheduler_config", {}).get("stochastic_sampling", False)
     if renoise:
         torch.manual_seed(seed + 1)
-    if getattr(teacher, "text_conditioned", False):
+    if teacher.text_conditioned:
         prompts = cond_prompts or ["a photo of a cat"]
         kw = _call_kwargs(teacher)
         gs = spec["guidance_scale"] if guidance_scale is None else guidance_scale
@@ -437,6 +407,6 @@ def check_roundtrip(out_dir, objective, teacher, student, cond_prompts=None, see
     with torch.no_grad():
         extra = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
         ref = objective.sample(student, noise, cond, generator=g2, **extra)
-    if not getattr(teacher, "text_conditioned", False):
+    if not teacher.text_conditioned:
         ref = ref.clamp(-1, 1)
     return float((torch.as_tensor(lat).float() - ref.float()).abs().max())

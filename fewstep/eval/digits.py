@@ -247,7 +247,7 @@ def train_teacher(cfg: TeacherConfig = TeacherConfig(), log: Callable = print, p
     unet.train()
     t0 = time.perf_counter()
     losses = []
-    for step in tqdm(range(cfg.steps), desc="digits teacher", disable=not progress, leave=False):
+    for step in tqdm(range(cfg.steps), desc="digits teacher", disable=None if progress else True, leave=False):
         b = torch.randint(len(x), (cfg.batch_size,), generator=g)
         x0 = _augment(x[b], g) * 2 - 1
         labels = y[b].clone()

@@ -165,7 +165,7 @@ def features_of(images, extractor: FeatureExtractor, batch_size: int = 64, limit
     else:
         n, batches = folder_batches(str(images), batch_size, limit, resize)
     out = []
-    with tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False) as bar:
+    with tqdm(total=n, desc=desc, unit="img", disable=None if progress else True, leave=False) as bar:
         for b in batches:
             out.append(extractor(b))
             bar.update(len(b))

@@ -107,7 +107,7 @@ def generate(pipe, num_images: int, *, prompts: Optional[Sequence[str]] = None, 
     if guidance_scale is not None:
         settings["guidance_scale"] = float(guidance_scale)
     records, chunks, seconds = [], [], 0.0
-    with tqdm(total=num_images, desc=desc, unit="img", disable=not progress, leave=False) as bar:
+    with tqdm(total=num_images, desc=desc, unit="img", disable=None if progress else True, leave=False) as bar:
         for start in range(0, num_images, batch_size):
             idx = list(range(start, min(start + batch_size, num_images)))
             gens = [torch.Generator().manual_seed(seed + i) for i in idx]

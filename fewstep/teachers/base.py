@@ -104,16 +104,28 @@ def frozen(*modules: nn.Module):
 
 
 class Teacher:
-    """A frozen denoiser plus what the trainer needs to use it.
+    """A frozen denoiser plus what the trainer needs to use it: the teacher's contract, declared.
 
-    Attributes: ``denoiser`` (frozen), ``schedule``, ``sample_shape`` (per-sample tensor shape),
-    ``guidance_scale`` (default CFG scale, diffusers form), ``family`` (``gmm``, ``sd15``, ``sdxl``,
-    ``ddpm``), ``feature_channels`` (width of the bottleneck features, for a GAN head).
+    Everything the API, the trainer, export and the CLI read from a teacher is an attribute or method here, with
+    its default; an adapter (``unet.py``, ``transformer.py``, ``gmm.py``) overrides what differs.  Attributes set
+    at construction: ``denoiser`` (frozen), ``schedule``, ``guidance_scale`` (default CFG scale, diffusers form).
     """
 
-    family: str = "base"
-    sample_shape: tuple = ()
-    feature_channels: int = 0
+    family: str = "base"  # gmm, sd15, sdxl, ddpm, sd3, flux: for messages and model cards, never for branching
+    sample_shape: tuple = ()  # per-sample tensor shape (latents for latent pipelines)
+    feature_channels: int = 0  # width of the bottleneck features, for a GAN head
+    text_conditioned: bool = False  # conditions come from prompts (data.prompts required)
+    num_classes: int = 0  # class-conditional teachers: number of classes (0: none)
+    supports_jump: bool = False  # new_network(..., jump=True) gives a flow-map student
+    supports_lora: bool = False  # student.lora_rank > 0 is honoured (student_lora below)
+    student_lora: Optional[tuple] = None  # (rank, alpha) of a LoRA student; set by api.build
+    embedded_guidance: Optional[float] = None  # guidance-distilled teachers (Flux): the guidance-embedding value
+    export_guidance_scale: float = 0.0  # guidance_scale of the exported pipeline's recommended call
+    # ---- the trained student: where it goes, how it is judged ---------------------------------------
+    exports_pipeline: bool = True  # the student becomes a diffusers pipeline folder; False: save_student's own format
+    student_folder: str = "pipeline"  # where a run keeps the saved student (RUN/<student_folder>)
+    needs_image_folder: bool = True  # real samples (GAN / consistency terms) need data.images; False: drawn by the teacher
+    panel_samples: int = 8  # samples in a training-time sample panel (image grid, or scatter plot)
 
     def __init__(self, denoiser: Denoiser, guidance_scale: float = 1.0):
         self.denoiser = denoiser
@@ -152,6 +164,41 @@ class Teacher:
     def to_images(self, x0: Tensor) -> Optional[Tensor]:
         """Decode clean samples to images in [0, 1] (B, 3, H, W) for grids; ``None`` for non-image data."""
         return None
+
+    def set_resolution(self, pixels: int) -> None:
+        """Sample size from ``data.resolution`` (pixels); teachers with a fixed size ignore it."""
+
+    def call_kwargs(self) -> dict:
+        """Extra keyword arguments of the exported pipeline's recommended call (e.g. Flux's trained resolution)."""
+        return {}
+
+    # ---- the trained student ----------------------------------------------------------------------
+    def write_panel(self, x0: Tensor, path: str, title: str) -> None:
+        """A training-time sample panel of clean samples ``x0``: an image grid (``title`` unused)."""
+        from torchvision.utils import save_image
+
+        save_image(self.to_images(x0).cpu(), str(path), nrow=4)
+
+    def save_student(self, student, objective, folder, run_config: Optional[dict] = None) -> dict:
+        """Write the trained student into ``folder`` (a run keeps it in ``RUN/<student_folder>``); returns the
+        metrics entries that say where.  Default: a diffusers pipeline folder (:func:`fewstep.export.export_pipeline`)."""
+        from ..export import export_pipeline
+
+        return {"pipeline": str(export_pipeline(self, student, objective, folder, run_config))}
+
+    def load_student(self, folder, objective=None):
+        """The student :meth:`save_student` wrote (teachers with ``exports_pipeline=False``)."""
+        raise NotImplementedError(f"{self.family} students are diffusers pipelines: load them with "
+                                  f"DiffusionPipeline.from_pretrained({str(folder)!r})")
+
+    def evaluate(self, objective, student, **kw) -> Optional[dict]:
+        """Known-answer evaluation of a student against this teacher; ``None`` where there is none
+        (image teachers are judged with ``fewstep eval``)."""
+        return None
+
+    def evaluate_run(self, objective, student, run_dir) -> dict:
+        """Metrics entries (and plots in ``run_dir``) for the end of a run; ``{}`` where there is no known answer."""
+        return {}
 
     def describe(self) -> dict:
         return {"family": self.family, "sample_shape": list(self.sample_shape),

@@ -239,6 +239,10 @@ class GMMDenoiser(Denoiser):
 class GMMTeacher(Teacher):
     family = "gmm"
     supports_jump = True  # new_network(..., jump=True) gives a flow-map student
+    exports_pipeline = False  # students are student.safetensors + student.json (save_student), not pipelines
+    student_folder = "student"  # where a run keeps it
+    needs_image_folder = False  # real samples are drawn from the mixture itself
+    panel_samples = 1000  # a scatter plot wants many points
 
     def __init__(self, mixture: Mixture, schedule: str = "vp", guidance_scale: float = 1.0, name: str = "custom"):
         self.mixture = mixture
@@ -267,7 +271,141 @@ class GMMTeacher(Teacher):
         x, labels = self.mixture.sample(n, generator)
         return x.float(), Condition(class_labels=labels)
 
+    @property
+    def num_classes(self) -> int:
+        return self.mixture.num_classes
+
     def describe(self):
         d = super().describe()
         d.update(name=self.name, num_classes=self.mixture.num_classes)
         return d
+
+    # ---- the trained student: saved, loaded and judged against the exact answer ------------------
+    def write_panel(self, x0, path, title):
+        from ..toy import scatter_panels
+
+        scatter_panels({title: x0.cpu()}, str(path))
+
+    def save_student(self, student, objective, folder, run_config=None) -> dict:
+        """``student.safetensors`` + ``student.json`` (objective, steps, times, mixture, network keywords), atomically."""
+        from ..export import atomic_dir
+
+        with atomic_dir(Path(folder)) as tmp:
+            _write_toy_student(student, objective, self, tmp)
+        return {}
+
+    def load_student(self, folder, objective=None):
+        """The saved student, in the objective's own student module when given (the network it trained)."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / "student.safetensors").is_file():
+            raise FileNotFoundError(f"{folder.parent} has no trained student yet ({folder.name}/student.safetensors)")
+        meta = folder / "student.json"
+        info = json.loads(meta.read_text()) if meta.is_file() else {}
+        kw = dict(info.get("network", {}))
+        if info.get("jump"):
+            kw["jump"] = True
+        if objective is not None:
+            student = objective.student_module(objective.networks())
+        else:
+            student = self.new_network("student", **kw)
+        student.load_state_dict(load_file(str(folder / "student.safetensors")))
+        student.eval()
+        return student
+
+    def evaluate(self, objective, student, **kw) -> dict:
+        return evaluate_toy(self, objective, student, **kw)
+
+    def evaluate_run(self, objective, student, run_dir) -> dict:
+        """Teacher ODE vs student against the true mixture (``toy_table``), and ``samples.png`` of the three."""
+        from ..export import atomic_file
+        from ..toy import scatter_panels
+
+        res = evaluate_toy(self, objective, student)
+        samples = res.pop("_samples")
+        plot = Path(run_dir) / "samples.png"
+        with atomic_file(plot, "sample plot ") as tmp:
+            scatter_panels(
+                {"data (true mixture)": samples["data"], f"teacher ODE ({res['teacher']['nfe']} NFE)": samples["teacher"],
+                 f"student ({objective.steps} step)": samples["student"]}, str(tmp))
+        return {"eval": res, "plot": str(plot), "table": toy_table(res)}
+
+
+# ---- students of the analytic teacher ------------------------------------------------------------
+def _write_toy_student(student, objective, teacher, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    net = getattr(student, "net", None)  # None: a multi-network student (phased experts), rebuilt by its objective
+    sd = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
+    save_file(sd, str(out / "student.safetensors"))
+    (out / "student.json").write_text(json.dumps({
+        "objective": objective.name, "student_steps": objective.steps, "times": objective.times,
+        "teacher": teacher.describe(), "mixture": teacher.mixture.to_json(),
+        "jump": bool(getattr(getattr(net, "residual", None), "jump", False)),  # flow-map student
+        # the new_network keywords that rebuild this network (guidance embedding, residual-only, ...)
+        "network": net.spec() if hasattr(net, "spec") else {},
+    }, indent=2))
+
+
+# ---- evaluation on the known answer --------------------------------------------------------------
+@torch.no_grad()
+def evaluate_toy(teacher, objective, student, n: int = 5000, seed: int = 123, ode_steps: int = 100) -> dict:
+    """Teacher ODE vs student on a GMM: energy distance to the true mixture, modes, NFE, time per 1k samples."""
+    import time
+
+    from ..sampling import ode_sample
+    from ..toy import energy_distance, mode_stats
+
+    mix = teacher.mixture
+    g = torch.Generator().manual_seed(seed)
+    data, _ = mix.sample(n, g)
+    cond = teacher.sample_conditions(n, g)
+    noise = torch.randn((n, *teacher.sample_shape), generator=g)
+    dev = teacher.device
+    gs = teacher.guidance_scale
+    t0 = time.perf_counter()
+    x_t = ode_sample(teacher, noise.to(dev), cond.to(dev), ode_steps, guidance_scale=gs).cpu()
+    t_teacher = time.perf_counter() - t0
+    student = student.to(dev).eval()
+    t0 = time.perf_counter()
+    x_s = objective.sample(student, noise.to(dev), cond.to(dev), generator=torch.Generator().manual_seed(seed + 1)).cpu()
+    t_student = time.perf_counter() - t0
+    cfg_mult = 1 if gs in (None, 1.0) else 2
+    spacing = mix.nearest_mode_spacing()
+    res = {
+        "teacher": {"sampler": f"DDIM ODE, {ode_steps} steps", "nfe": ode_steps * cfg_mult,
+                    "energy_distance": energy_distance(x_t, data.float()), **mode_stats(x_t, mix),
+                    "sec_per_1k": t_teacher * 1000 / n},
+        "student": {"sampler": f"{objective.name}, {objective.steps} step(s)", "nfe": objective.steps,
+                    "energy_distance": energy_distance(x_s, data.float()), **mode_stats(x_s, mix),
+                    "sec_per_1k": t_student * 1000 / n},
+        "endpoint_error": float((x_s - x_t).norm(dim=1).mean()),
+        "nearest_mode_spacing": spacing,
+        "num_samples": n,
+    }
+    res["energy_ratio"] = res["student"]["energy_distance"] / max(res["teacher"]["energy_distance"], 1e-12)
+    if hasattr(objective, "tracking_errors"):  # flow maps: the jump f(z, d) vs the teacher's ODE from the same noise
+        m = min(n, 2000)
+        res["flow_map_tracking"] = objective.tracking_errors(student, noise[:m].to(dev), cond[:m].to(dev))
+    res["_samples"] = {"data": data.float(), "teacher": x_t, "student": x_s}
+    return res
+
+
+def toy_table(res: dict) -> str:
+    """``evaluate_toy``'s result as a markdown table and two summary lines."""
+    rows = [("", "sampler", "NFE", "energy dist.", "modes", "in-mode", "spread", "s / 1k samples")]
+    for k in ("teacher", "student"):
+        r = res[k]
+        rows.append((k, r["sampler"], str(r["nfe"]), f"{r['energy_distance']:.4f}",
+                     f"{r['modes_covered']}/{r['num_modes']}", f"{r['in_mode_frac']:.2f}", f"{r['spread']:.2f}",
+                     f"{r['sec_per_1k']:.4f}"))
+    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    fmt = lambda r: "| " + " | ".join(c.ljust(w[i]) for i, c in enumerate(r)) + " |"
+    out = [fmt(rows[0]), "|" + "|".join("-" * (x + 2) for x in w) + "|"] + [fmt(r) for r in rows[1:]]
+    out.append(f"student/teacher energy ratio {res['energy_ratio']:.2f}; mean endpoint error vs the teacher ODE "
+               f"of the same noise {res['endpoint_error']:.3f} (nearest-mode spacing {res['nearest_mode_spacing']:.2f})")
+    if "flow_map_tracking" in res:
+        out.append("flow map f(z, d) vs the teacher ODE from the same noise, mean error: " + ", ".join(
+            f"d={d}: {e:.4f}" for d, e in res["flow_map_tracking"].items()))
+    return "\n".join(out)

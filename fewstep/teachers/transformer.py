@@ -107,6 +107,7 @@ class DiffusersTransformerTeacher(DiffusersUNetTeacher):
     """A diffusers flow pipeline with a ``transformer`` (SD3- or Flux-shaped) and a flow-matching scheduler."""
 
     supports_jump = True  # new_network(..., jump=True) gives a flow-map student
+    supports_lora = False  # LoRA students are UNet-only for now
 
     def __init__(self, pipe, guidance_scale: float = 1.0, source: str = ""):
         from diffusers import FluxPipeline, StableDiffusion3Pipeline

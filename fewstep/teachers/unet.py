@@ -112,6 +112,8 @@ class UNetDenoiser(Denoiser):
 class DiffusersUNetTeacher(Teacher):
     """A diffusers pipeline with a ``unet`` and a DDPM-family scheduler (eps or v prediction)."""
 
+    supports_lora = True  # student.lora_rank > 0: a peft LoRA on the copied UNet
+
     def __init__(self, pipe, guidance_scale: float = 1.0, source: str = ""):
         from diffusers import UNet2DConditionModel, UNet2DModel
 
