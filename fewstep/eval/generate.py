@@ -49,7 +49,7 @@ def pipeline_kind(pipe) -> str:
     """``text`` (takes prompts), ``class`` (class labels) or ``uncond``."""
     if getattr(pipe, "tokenizer", None) is not None or getattr(pipe, "text_encoder", None) is not None:
         return "text"
-    if type(pipe).__name__ == "ClassConditionalPipeline":
+    if any(c.__name__ == "ClassConditionalPipeline" for c in type(pipe).__mro__):  # also its phased-expert subclass
         return "class"
     return "uncond"
 
