@@ -170,6 +170,7 @@ def diversity_vs_reference(feats: np.ndarray, ref_feats: np.ndarray, k_pr: int =
 
 def load_stats_features(path) -> Optional[np.ndarray]:
     """The ``features`` array of a ``.npz`` statistics file (float64), or None when it holds none."""
+    from pathlib import Path
     try:
         with np.load(Path(path), allow_pickle=False) as d:
             return np.asarray(d["features"], np.float64) if "features" in d else None
