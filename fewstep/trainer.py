@@ -425,8 +425,9 @@ class Trainer:
             raise
         finally:
             bar.close()
-            for sig, handler in old_handlers.items():
-                signal.signal(sig, handler)
+            if not self._signal:  # after a stop, our handler stays: a late second signal is noted, never fatal
+                for sig, handler in old_handlers.items():
+                    signal.signal(sig, handler)
         self.acc.wait_for_everyone()
         return {"steps": self.step, "train_seconds": time.time() - t0, "last_checkpoint": str(last_good)}
 
