@@ -63,11 +63,18 @@ class NoiseSchedule:
 
         ``x_t = (a_t / a_s) x_s + sqrt(s_t^2 - (a_t s_s / a_s)^2) eps``.
         """
-        a_s, a_t = self.alpha(s), self.alpha(t)
-        s_s, s_t = self.sigma(s), self.sigma(t)
-        ratio = a_t / a_s.clamp_min(1e-20)
-        std = (s_t**2 - (ratio * s_s) ** 2).clamp_min(0).sqrt()
+        ratio, std = self.transition(s, t)
         return _bcast(ratio, x_s) * x_s + _bcast(std, x_s) * eps
+
+    def transition(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(r, beta)`` of ``x_t | x_s ~ N(r x_s, beta^2 I)`` for ``t >= s``: ``r = a_t / a_s``,
+        ``beta^2 = s_t^2 - r^2 s_s^2``."""
+        r = self.alpha(t) / self.alpha(s).clamp_min(1e-20)
+        return r, (self.sigma(t) ** 2 - (r * self.sigma(s)) ** 2).clamp_min(0).sqrt()
+
+    def renoise_weight(self, s: Tensor, t: Tensor) -> Tensor:
+        """``(beta / s_t)^2``: the loss weight that keeps :meth:`renoise_targets`' variance bounded as ``t -> s``."""
+        return (self.transition(s, t)[1] / self.sigma(t).clamp_min(1e-20)) ** 2
 
     def renoise_targets(self, x_t: Tensor, xi: Tensor, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Unbiased (x0, eps) regression targets for ``x_t = renoise(x_s, s, t, xi)``, when x0 is unknown.
@@ -80,10 +87,8 @@ class NoiseSchedule:
         (v and flow velocity are linear in (x0, eps)).  With ``s = 0`` they are ``x0`` and ``xi`` exactly.
         The variance grows as ``beta / s_t -> 0`` (t -> s): weight the loss by ``(beta / s_t)^2``.
         """
-        a_s, a_t = self.alpha(s), self.alpha(t)
-        s_s, s_t = self.sigma(s), self.sigma(t)
-        r = a_t / a_s.clamp_min(1e-20)
-        beta = (s_t**2 - (r * s_s) ** 2).clamp_min(1e-12).sqrt()
+        a_t, s_t = self.alpha(t), self.sigma(t)
+        beta = self.transition(s, t)[1].clamp_min(1e-6)
         k = _bcast(s_t / beta, xi)
         eps = k * xi
         x0 = (x_t - _bcast(s_t, x_t) * eps) / _bcast(a_t, x_t).clamp_min(1e-20)

@@ -306,10 +306,7 @@ class PhasedDMD(Objective):
         if self.config.critic_target == "naive":
             return xt, sched.target(kind, x_s, xi, t), torch.ones_like(t)
         x0_tgt, eps_tgt = sched.renoise_targets(xt, xi, s, t)
-        r = sched.alpha(t) / sched.alpha(s).clamp_min(1e-20)
-        beta2 = (sched.sigma(t) ** 2 - (r * sched.sigma(s)) ** 2).clamp_min(0)
-        weight = beta2 / sched.sigma(t).clamp_min(1e-20) ** 2
-        return xt, sched.target(kind, x0_tgt, eps_tgt, t), weight
+        return xt, sched.target(kind, x0_tgt, eps_tgt, t), sched.renoise_weight(s, t)
 
     def _critic_loss(self, batch: Batch, nets, k: int) -> LossOutput:
         c = self.config
