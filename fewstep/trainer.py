@@ -421,6 +421,9 @@ class Trainer:
             raise WriteError(f"{e}{where}", e.errno) from None
         except Preempted:
             bar.close()
+            # every rank reaches this point after the same step; meet once more so that no rank tears down its
+            # process group while a peer is still using it (gloo aborts the peer: "terminate called ...")
+            self.acc.wait_for_everyone()
             self.acc.end_training()  # flush trackers; leave the process group cleanly
             raise
         finally:
