@@ -79,6 +79,22 @@ def test_digits_data_and_classifier_file(tmp_path):
     assert ext(x[:4].repeat(1, 3, 1, 1)).shape == (4, 64) and ext.num_classes == 10
 
 
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
+def test_teacher_noising_is_the_schedule_and_matches_diffusers(prediction_type):
+    """The digits teacher trains on fewstep's VPDiscrete (the schedule every objective uses), which agrees
+    with diffusers' DDPMScheduler at every integer timestep, ends included."""
+    from fewstep.eval.digits import TeacherConfig, noised_and_target, teacher_schedule, teacher_schedulers
+
+    train, _ = teacher_schedulers(TeacherConfig(prediction_type=prediction_type))
+    sched = teacher_schedule(train.config)
+    ts = torch.cat([torch.tensor([0, 999]), torch.randint(0, 1000, (30,))])
+    x0, eps = torch.randn(len(ts), 1, 4, 4), torch.randn(len(ts), 1, 4, 4)
+    xt, target = noised_and_target(sched, "v" if prediction_type == "v_prediction" else "eps", x0, eps, ts)
+    torch.testing.assert_close(xt, train.add_noise(x0, eps, ts), atol=1e-6, rtol=0)
+    want = train.get_velocity(x0, eps, ts) if prediction_type == "v_prediction" else eps
+    torch.testing.assert_close(target, want, atol=1e-6, rtol=0)
+
+
 def test_cache_dir_env(monkeypatch, tmp_path):
     from fewstep.eval import digits
 

@@ -29,9 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..schedules import VPDiscrete, diffusers_prediction
+
 IMAGE_SIZE = 16
 NUM_CLASSES = 10
 CACHE_VERSION = 1  # bump when the data pipeline or a training recipe changes meaning
+TEACHER_VERSION = 2  # 2: noising and targets through fewstep.schedules (VPDiscrete) instead of local formulas
 
 
 def cache_root() -> Path:
@@ -226,6 +229,17 @@ def teacher_schedulers(cfg: TeacherConfig):
                                                   timestep_spacing="trailing")
 
 
+def teacher_schedule(scheduler_config) -> "VPDiscrete":
+    """The teacher's noise schedule as fewstep sees every discrete DDPM teacher (timestep k at t = (k+1)/N)."""
+    return VPDiscrete.from_scheduler_config(scheduler_config)
+
+
+def noised_and_target(schedule: "VPDiscrete", kind: str, x0: Tensor, noise: Tensor, timesteps: Tensor):
+    """``(x_t, regression target)`` at integer ``timesteps``: the same ``add_noise``/``target`` the objectives use."""
+    t = schedule.timestep_to_t(timesteps.to(torch.float64)).to(torch.float32)
+    return schedule.add_noise(x0, noise, t), schedule.target(kind, x0, noise, t)
+
+
 def train_teacher(cfg: TeacherConfig = TeacherConfig(), log: Callable = print, progress: bool = True):
     """Denoising training on all 1,797 digits (+-1 px shifts); returns the EMA network in a pipeline."""
     import copy
@@ -240,7 +254,7 @@ def train_teacher(cfg: TeacherConfig = TeacherConfig(), log: Callable = print, p
     unet = build_unet(cfg)
     ema = copy.deepcopy(unet).requires_grad_(False)
     train_sched, sample_sched = teacher_schedulers(cfg)
-    ac = train_sched.alphas_cumprod
+    schedule, kind = teacher_schedule(train_sched.config), diffusers_prediction(cfg.prediction_type)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     lr_at = lambda s: cfg.lr * min(1.0, (s + 1) / cfg.warmup) * (0.5 * (1 + np.cos(np.pi * s / cfg.steps)) * 0.9 + 0.1)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -252,12 +266,9 @@ def train_teacher(cfg: TeacherConfig = TeacherConfig(), log: Callable = print, p
         x0 = _augment(x[b], g) * 2 - 1
         labels = y[b].clone()
         labels[torch.rand(cfg.batch_size, generator=g) < cfg.p_uncond] = NUM_CLASSES
-        ts = torch.randint(0, 1000, (cfg.batch_size,), generator=g)
+        ts = torch.randint(0, schedule.num_train_timesteps, (cfg.batch_size,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
-        a = ac[ts].sqrt().view(-1, 1, 1, 1)
-        s = (1 - ac[ts]).sqrt().view(-1, 1, 1, 1)
-        xt = a * x0 + s * noise
-        target = a * noise - s * x0 if cfg.prediction_type == "v_prediction" else noise
+        xt, target = noised_and_target(schedule, kind, x0, noise, ts)
         loss = F.mse_loss(unet(xt, ts, class_labels=labels).sample, target)
         for pg in opt.param_groups:
             pg["lr"] = lr_at(step)
@@ -278,7 +289,7 @@ def train_teacher(cfg: TeacherConfig = TeacherConfig(), log: Callable = print, p
 
 
 def teacher_dir(cfg: TeacherConfig = TeacherConfig()) -> Path:
-    return cache_root() / f"teacher-v{CACHE_VERSION}-{_digest(asdict(cfg))}"
+    return cache_root() / f"teacher-v{CACHE_VERSION}.{TEACHER_VERSION}-{_digest(asdict(cfg))}"
 
 
 def ensure_teacher(cfg: TeacherConfig = TeacherConfig(), log: Callable = print, force: bool = False,
