@@ -1,8 +1,6 @@
 """Library entry points behind the CLI: build a run from a config, train, export, evaluate."""
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import gc
 import json
 import sys
@@ -12,7 +10,7 @@ from typing import Optional
 import torch
 
 from .conditions import Condition
-from .config import ConfigError, config_to_dict, dump_config
+from .config import ConfigError, config_to_dict, dump_config, structured
 from .data import DataError, DataSource
 from .objectives.base import get_objective, known_objectives
 
@@ -29,32 +27,13 @@ def load_teacher(tcfg):
 
 
 def build_objective_config(name: str, values: dict):
-    """Validate ``objective.*`` keys against the objective's config dataclass (one-line errors)."""
+    """The objective class registered as ``name`` and its ``Config`` from the ``objective.*`` keys, checked like every
+    other section: the ``Config`` dataclass is the OmegaConf schema (:func:`fewstep.config.structured`)."""
     try:
         cls = get_objective(name)
     except KeyError as e:
         raise ConfigError(str(e.args[0])) from None
-    fields = {f.name: f for f in dataclasses.fields(cls.Config)}
-    kw = {}
-    for key, val in values.items():
-        if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f"; did you mean 'objective.{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(fields))}"
-            raise ConfigError(f"unknown config key 'objective.{key}' for objective {name!r}{hint}")
-        default = fields[key].default
-        if isinstance(default, bool) and not isinstance(val, bool):
-            raise ConfigError(f"objective.{key} must be true or false, got {val!r}")
-        if isinstance(default, float) and isinstance(val, int) and not isinstance(val, bool):
-            val = float(val)
-        elif isinstance(default, (int, float)) and not isinstance(default, bool) and not isinstance(val, (int, float)):
-            raise ConfigError(f"objective.{key} must be a number, got {val!r}")
-        elif isinstance(default, int) and not isinstance(default, bool) and isinstance(val, float):
-            if val != int(val):
-                raise ConfigError(f"objective.{key} must be an integer, got {val!r}")
-            val = int(val)
-        kw[key] = val
-    kw["name"] = name
-    return cls, cls.Config(**kw)
+    return cls, structured(cls.Config, {**values, "name": name}, prefix="objective.", scope=f" for objective {name!r}")
 
 
 def build(cfg):
