@@ -23,8 +23,9 @@ venv: $(BIN)/.installed
 demo: venv
 	$(BIN)/fewstep demo
 
+# one pytest worker per core (pytest-xdist; at most 4), one thread each (tests/conftest.py)
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist worksteal
 
 test-slow: venv
 	$(BIN)/python -m pytest -q -m slow

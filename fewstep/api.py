@@ -73,6 +73,7 @@ def build(cfg):
             raise ConfigError(f"student.lora_rank={cfg.student.lora_rank}: LoRA students need a diffusers UNet teacher, "
                               f"not {cfg.teacher.path}")
         teacher.student_lora = (cfg.student.lora_rank, cfg.student.lora_alpha or cfg.student.lora_rank)
+    teacher.share_base, teacher.critic_lora = resolve_adapters(cfg, obj_cls, obj_cfg, teacher)
     torch.manual_seed(cfg.train.seed)  # network initialisation (heads, toy residuals) is part of the config
     try:
         objective = obj_cls(obj_cfg, teacher, cfg.student.steps)
@@ -80,6 +81,38 @@ def build(cfg):
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return teacher, data, objective
+
+
+def resolve_adapters(cfg, obj_cls, obj_cfg, teacher) -> tuple[bool, Optional[tuple]]:
+    """``(share_base, critic_lora)`` from ``student.share_base`` and ``objective.critic_lora_rank/alpha``.
+
+    ``share_base`` null (auto): on when the student or the critic is a LoRA and the objective supports adapters on
+    the teacher's network.  ``critic_lora_rank`` null: the student's LoRA when the base is shared, else a full critic;
+    0: a full critic; > 0: a LoRA critic of that rank (on the shared base, or on a copy of its own)."""
+    share = cfg.student.share_base
+    rank = getattr(obj_cfg, "critic_lora_rank", None)
+    alpha = getattr(obj_cfg, "critic_lora_alpha", None)
+    if rank is not None and rank < 0:
+        raise ConfigError(f"objective.critic_lora_rank must be >= 0 or null, got {rank}")
+    if alpha is not None and not alpha > 0:
+        raise ConfigError(f"objective.critic_lora_alpha must be > 0 or null, got {alpha}")
+    if rank and not teacher.supports_lora:
+        raise ConfigError(f"objective.critic_lora_rank={rank}: LoRA critics need a diffusers UNet teacher, "
+                          f"not {cfg.teacher.path}")
+    student = teacher.student_lora
+    if share is None:
+        share = bool(obj_cls.shares_base and teacher.supports_lora and (student or rank))
+    elif share and not obj_cls.shares_base:
+        raise ConfigError(f"student.share_base=true: objective {obj_cls.name!r} keeps networks of its own "
+                          f"(adapters on the teacher's network: dmd, dmd2, phased_dmd)")
+    if rank is None:
+        critic = student if share else None
+    else:
+        critic = (rank, alpha or rank) if rank > 0 else None
+    if share and not (student or critic):
+        raise ConfigError("student.share_base=true needs a LoRA to share the teacher's network with: "
+                          "student.lora_rank > 0 or objective.critic_lora_rank > 0")
+    return bool(share), critic
 
 
 # ---- evaluation on known answers (thin wrappers: the analytic teacher owns them) ------------------
@@ -138,6 +171,11 @@ def distill(cfg, log=print) -> dict:
         dump_config(cfg, run_dir / "config.yaml")
     hook = make_sampler_hook(teacher, objective, run_dir)
     fit = trainer.fit(on_sample=hook)
+    for opt in trainer.optims.values():  # trained and checkpointed: the export needs no optimizer state or gradients
+        getattr(opt, "optimizer", opt).state.clear()
+    for m in trainer.plain.values():
+        m.zero_grad(set_to_none=True)
+    gc.collect()
     metrics: dict = {"objective": objective.name, "student_steps": objective.steps,
                      "num_processes": trainer.acc.num_processes, **fit}
     if trainer.acc.is_main_process:

@@ -63,6 +63,13 @@ def cmd_distill(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip())
+        from .memory import estimate_config, table
+
+        est = estimate_config(cfg)  # local (or cached) UNet teachers: read from the safetensors headers, nothing loaded
+        if est is not None:
+            where = "CPU resident set" if "process (torch, libraries)" in est["parts"] else "GPU allocated"
+            print("\n".join("# " + line for line in table(est, f"estimated peak memory per device ({where}, "
+                                                               f"teacher in {est['dtype']}):").splitlines()))
         return 0
     from .api import distill
 
@@ -211,11 +218,9 @@ def main(argv=None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # the exception classes only: torch, diffusers and the trainer are imported by the command that needs them
     from .config import ConfigError
-    from .data import DataError
-    from .teachers.unet import TeacherLoadError
-    from .export import WriteError, write_failure
-    from .trainer import CheckpointError, Preempted, TrainingDiverged
+    from .errors import CheckpointError, DataError, Preempted, TeacherLoadError, TrainingDiverged, WriteError
 
     handlers = {"distill": cmd_distill, "export": cmd_export, "sample": cmd_sample, "demo": cmd_demo,
                 "eval": cmd_eval}
@@ -238,6 +243,8 @@ def main(argv=None) -> int:
             print(f"fewstep: {e}", file=sys.stderr)
         return e.exit_code
     except OSError as e:  # any other failed write (metrics.json, config.yaml): one line too
+        from .export import write_failure
+
         err = write_failure(e, e.filename or "a file")
         if err is None or os.environ.get("FEWSTEP_DEBUG"):
             raise

@@ -44,6 +44,9 @@ class StudentConfig:
     steps: int = 1  # 1..4 sampling steps
     lora_rank: int = 0  # 0 = full fine-tune
     lora_alpha: Optional[float] = None
+    # LoRA networks (student, and a LoRA critic) as adapters on the teacher's own frozen network, in teacher.dtype,
+    # instead of float32 copies each; null (auto): on when the student is a LoRA and the objective supports it
+    share_base: Optional[bool] = None
 
 
 @dataclass

@@ -13,11 +13,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from .errors import DataError  # noqa: F401  (defined there: importable without torch)
+
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-
-
-class DataError(ValueError):
-    """One-line, user-facing data problem."""
 
 
 def read_prompts(path: str, one_per_image: bool = False) -> list[str]:

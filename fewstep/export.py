@@ -5,7 +5,8 @@ The folder uses the teacher's own pipeline class and a stock scheduler configure
 model card.  Where no stock pipeline can (multi-jump flow maps), ``export_spec()["pipeline_class"]`` names
 a class of ``pipelines/`` (a subclass of the teacher's), and the folder carries its code.  Teachers that are not
 pipelines (the analytic GMM) save their students themselves (``Teacher.save_student``); this module imports nothing
-from fewstep.
+from fewstep but its error classes and ``fewstep.lora`` (a LoRA student is written merged one shard at a time, beside
+its ``load_lora_weights`` file).
 
 Every folder is written atomically (``atomic_dir``): into ``.tmp-NAME-PID`` beside the target, fsynced, renamed into
 place; an existing export is renamed aside and deleted only once the new one is in place.
@@ -22,6 +23,9 @@ from pathlib import Path
 
 import torch
 
+from .errors import WriteError  # noqa: F401  (defined there: importable without torch)
+from .lora import lora_adapter, merged_placeholder
+
 # ---- safe writes --------------------------------------------------------------------------------
 # Every folder fewstep writes (checkpoints, exports, the toy student) is written into a ``.tmp-*`` folder beside
 # its target, fsynced, and renamed into place; a failed write removes the temp folder and names the path, the
@@ -31,16 +35,6 @@ WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.ERO
 TMP_PREFIX = ".tmp-"
 _OS_ERROR_IN_TEXT = re.compile(r"os error (\d+)")  # Rust I/O errors (safetensors): "... (os error 27)"
 _CUT_SHORT = ("unexpected pos", "iostream error", "PytorchStreamWriter failed")  # torch.save's zip writer
-
-
-class WriteError(RuntimeError):
-    """A checkpoint, sample grid or export could not be written (disk full, quota, file-size limit, permissions).
-
-    ``str(e)`` is one line naming the path, the reason and the free space; ``e.errno`` the errno where known."""
-
-    def __init__(self, message: str, errno_: int | None = None):
-        super().__init__(message)
-        self.errno = errno_
 
 
 def _errno_of(exc: BaseException):
@@ -279,17 +273,16 @@ def _write_pipeline(teacher, student, objective, out: Path, run_config: dict | N
     pipe = teacher.pipe
     scheduler = _scheduler_from_spec(pipe.scheduler, spec)
     unet = getattr(student, "net", student)
-    if getattr(unet, "peft_config", None):  # LoRA student: a LoRA file for load_lora_weights, and merged weights
-        import copy
-
-        from diffusers.utils import convert_state_dict_to_diffusers
+    adapter = lora_adapter(student) if getattr(unet, "peft_config", None) else None
+    if adapter is not None:  # LoRA student: a LoRA file for load_lora_weights, and merged weights
         from peft.utils import get_peft_model_state_dict
 
-        lora_sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        # peft's key format, which load_lora_weights reads as it is (diffusers' older format, convert_state_dict_to_
+        # diffusers, renames attention keys only: a file with conv/ff targets too then loads without its attention)
+        lora_sd = get_peft_model_state_dict(unet, adapter_name=adapter)
         type(pipe).save_lora_weights(str(out / "lora"), unet_lora_layers=lora_sd, safe_serialization=True)
-        unet = copy.deepcopy(unet)
-        unet.fuse_lora()
-        unet.unload_lora()
+        # merged tensor by tensor as the pipeline is saved (the network may be the teacher's own, other adapters on it)
+        unet = merged_placeholder(unet, adapter)
     components = dict(pipe.components)
     components["transformer" if "transformer" in components else "unet"] = unet
     components["scheduler"] = scheduler

@@ -138,6 +138,14 @@ class NoiseSchedule:
         return x0, eps
 
     def to_x0(self, pred: Tensor, kind: str, x_t: Tensor, t: Tensor) -> Tensor:
+        """``_to_x0_eps(...)[0]``, without computing the eps it does not need (every network call converts)."""
+        if kind == "x0":
+            return pred
+        if kind in ("eps", "v"):
+            a, s = _bcast(self.alpha(t), x_t), _bcast(self.sigma(t), x_t)
+            if kind == "eps":
+                return (x_t - s * pred) / a.clamp_min(1e-20)
+            return (a * x_t - s * pred) / (a**2 + s**2)
         return self._to_x0_eps(pred, kind, x_t, t)[0]
 
     def ddim_step(self, x0: Tensor, x_t: Tensor, t: Tensor, s: Tensor) -> Tensor:
@@ -217,8 +225,13 @@ class VPDiscrete(NoiseSchedule):
 
     def __init__(self, alphas_cumprod: Tensor):
         ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
-        if ac.ndim != 1 or len(ac) < 2 or not torch.all((ac > 0) & (ac <= 1)):
-            raise ValueError("alphas_cumprod must be a 1-D tensor of values in (0, 1]")
+        if ac.ndim != 1 or len(ac) < 2 or not torch.all((ac >= 0) & (ac <= 1)) or not torch.all(ac[:-1] > 0):
+            raise ValueError("alphas_cumprod must be a 1-D tensor of values in (0, 1] (only the last may be 0)")
+        # zero terminal SNR (rescale_betas_zero_snr): alpha_bar = 0 at the last timestep; keep a tiny value there,
+        # as diffusers' Euler scheduler does, so that log alpha_bar stays finite (alpha(1) = 2^-12, sigma(1) = 1)
+        if ac[-1] == 0:
+            ac = ac.clone()
+            ac[-1] = 2.0 ** -24
         self.num_train_timesteps = len(ac)
         self._log_ab = torch.cat([torch.zeros(1, dtype=torch.float64), ac.log()])  # index 0 <-> timestep -1
 
@@ -227,7 +240,8 @@ class VPDiscrete(NoiseSchedule):
         """Build from a diffusers scheduler config (``beta_schedule``, ``beta_start``, ``beta_end`` ...)."""
         from diffusers import DDPMScheduler
 
-        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                "rescale_betas_zero_snr")
         kw = {k: config[k] for k in keys if k in config and config[k] is not None}
         sched = DDPMScheduler(**kw)
         return cls(sched.alphas_cumprod)

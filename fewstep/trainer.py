@@ -11,7 +11,14 @@ tensorboard log only); ``auto`` (default) is ``bar`` when stderr is a terminal, 
 
 Randomness: every micro-batch draws all of its noise from a CPU generator seeded by
 ``(train.seed, step, group, micro-batch, process)``, so a run is a pure function of its config and
-resume is exact without saving a data-loader position.
+resume is exact without saving a data-loader position.  A micro-batch samples (and encodes) conditions only when its
+objective uses them (``Objective.wants_conditions``), and real images are VAE-encoded once, before the first step.
+
+Optimizers: one AdamW per group, ``fused`` where torch supports it for the device and dtype, else ``foreach``
+(:mod:`fewstep.optim`; the choice is logged and returned by ``fit`` as ``optimizer``, which lands in metrics.json).
+
+Host syncs: logged values stay tensors and are read back once per ``train.log_every`` (one sync for all of them);
+the only per-step sync is the divergence guard, one per group (it must know before the update is applied).
 
 Preemption: SIGTERM, SIGINT and SIGUSR1 (``train.save_on_signal``) let the current optimisation step finish, write a
 checkpoint and raise :class:`Preempted` (the CLI exits with 128 + the signal number).  Under torchrun the ranks agree
@@ -39,8 +46,10 @@ import torch
 from torch import nn
 
 from .conditions import Condition
+from .errors import CheckpointError, Preempted, TrainingDiverged  # noqa: F401  (re-exported)
 from .export import TMP_PREFIX, WriteError, clean_stale, fsync_tree, replace_dir, write_failure
 from .objectives.base import Batch
+from .optim import EMA, apply_impl, make_adamw
 
 CKPT_PREFIX = "checkpoint-"
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")  # train.save_on_signal: finish the step, checkpoint, exit 128 + N
@@ -50,29 +59,42 @@ LINE_FRACTION = 0.01  # progress=lines: a line after at least this fraction of m
 LINE_SECONDS = 60.0  # ... or this many seconds since the previous line (checked at logging steps)
 
 
-class TrainingDiverged(RuntimeError):
-    """A loss or gradient became NaN/inf; training stopped before the step was applied."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be read."""
-
-
-class Preempted(Exception):
-    """A stop signal arrived: the step in flight finished and a checkpoint was written.  Exit with ``exit_code``."""
-
-    def __init__(self, signum: int, step: int, checkpoint):
-        self.signum, self.step, self.checkpoint = int(signum), int(step), checkpoint
-        self.exit_code = 128 + self.signum
-        super().__init__(f"stopped by {signal.Signals(self.signum).name} after step {step}; checkpoint: {checkpoint}; "
-                         f"run the same command to resume")
-
-
 def _seed_for(*parts: int) -> int:
     h = 1469598103934665603
     for p in parts:
         h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
     return h
+
+
+def _plain_grads(grads: list) -> bool:
+    """Gradients on one CPU/CUDA device and dtype, plain dense tensors: torch's foreach kernels take them as one."""
+    return bool(grads) and len({(g.device, g.dtype) for g in grads}) == 1 and grads[0].device.type in ("cpu", "cuda") \
+        and all(type(g) is torch.Tensor and not g.is_sparse for g in grads)
+
+
+def _total_norm(grads: list):
+    """The 2-norm of all ``grads`` together: ``torch.nn.utils.get_total_norm``'s number (the same kernels), without
+    its per-call grouping for plain gradients."""
+    if not grads:
+        return torch.zeros(())
+    with torch.no_grad():
+        if _plain_grads(grads):
+            return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
+        get = getattr(torch.nn.utils, "get_total_norm", None)
+        if get is not None:
+            return get(grads, 2.0, foreach=None)
+        return torch.norm(torch.stack([g.norm() for g in grads]))
+
+
+def _clip_to(params: list, max_norm: float, total) -> None:
+    """Scale the gradients by ``min(max_norm / (total + 1e-6), 1)``: torch's ``clip_grads_with_norm_``."""
+    grads = [p.grad for p in params if p.grad is not None]
+    with torch.no_grad():
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        if _plain_grads(grads):
+            torch._foreach_mul_(grads, coef)
+        else:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -167,19 +189,38 @@ class Trainer:
         self.names = list(objective.networks().keys())
         modules = [objective.networks()[n].to(self.device) for n in self.names]
         optims = []
+        self.optim_impl: dict[str, str] = {}  # group -> fused / foreach / for-loop (fewstep.optim)
         for n, m in zip(self.names, modules):
             params = [p for p in m.parameters() if p.requires_grad]
-            optims.append(torch.optim.AdamW(params, lr=tc.lr * objective.lr_scale(n),
-                                            betas=(tc.adam_beta1, tc.adam_beta2), weight_decay=tc.weight_decay))
+            opt, self.optim_impl[n] = make_adamw(params, lr=tc.lr * objective.lr_scale(n),
+                                                 betas=(tc.adam_beta1, tc.adam_beta2), weight_decay=tc.weight_decay)
+            optims.append(opt)
         prepared = self.acc.prepare(*modules, *optims)
         self.wrapped = dict(zip(self.names, prepared[: len(self.names)]))
         self.optims = dict(zip(self.names, prepared[len(self.names):]))
-        self.plain = {n: self.acc.unwrap_model(m) for n, m in self.wrapped.items()}
-        self.ema = None
-        if tc.ema_decay > 0:
-            from diffusers.training_utils import EMAModel
+        from accelerate.utils import DistributedType
 
-            self.ema = EMAModel(self._trainable(self.plain["student"]), decay=tc.ema_decay)
+        # one process: prepare() wrapped nothing (unwrap_model would return the same modules, but its check for
+        # torch.compile imports torch._dynamo: 1-2 s before the first step)
+        single = self.acc.distributed_type == DistributedType.NO
+        self.plain = {n: m if single else self.acc.unwrap_model(m) for n, m in self.wrapped.items()}
+        # the torch optimizer itself where accelerate's plain wrapper adds nothing (no fp16 grad scaler, not XLA; not
+        # a DeepSpeed wrapper): step/zero_grad then skip its per-call package lookups and signature inspection
+        from accelerate.optimizer import AcceleratedOptimizer
+
+        direct = self.acc.distributed_type != DistributedType.XLA
+        self._step_opt = {n: (o.optimizer if direct and type(o) is AcceleratedOptimizer and o.scaler is None else o)
+                          for n, o in self.optims.items()}
+        self._params = {n: self._trainable(m) for n, m in self.wrapped.items()}  # what the guard and clipping read
+        # one process, no grad scaler: accelerate's clip_grad_norm_ is torch's (after unscaling nothing), its
+        # backward is loss.backward() (after dividing by 1), its autocast is a no-op without mixed precision
+        self._plain_clip = single and self.acc.scaler is None
+        self._plain_backward = self.acc.scaler is None and self.acc.distributed_type != DistributedType.DEEPSPEED \
+            and self.acc.gradient_accumulation_steps == 1
+        self._autocast = self.acc.autocast if self.acc.native_amp else nullcontext
+        self.ema = None
+        if tc.ema_decay > 0:  # diffusers' EMAModel rule and checkpoint format, foreach update (fewstep.optim.EMA)
+            self.ema = EMA(self._trainable(self.plain["student"]), decay=tc.ema_decay)
             self.ema.to(self.device)
             self.acc.register_for_checkpointing(self.ema)
         for m in objective.state_modules().values():  # objective-owned state (e.g. an EMA target): checkpointed
@@ -194,17 +235,20 @@ class Trainer:
         return [p for p in module.parameters() if p.requires_grad]
 
     # ---- batches ------------------------------------------------------------------------------
-    def make_batch(self, step: int, group_idx: int, micro: int) -> Batch:
+    def make_batch(self, step: int, group_idx: int, micro: int, shared: Optional[dict] = None) -> Batch:
         g = torch.Generator().manual_seed(_seed_for(self.cfg.train.seed, step, group_idx, micro, self.acc.process_index))
         n = self.cfg.train.batch_size
-        cond = self.teacher.sample_conditions(n, g, self.data)
+        cond = None  # conditions (prompts sampled and encoded) only for a loss that reads them
+        if self.obj.wants_conditions(self.names[group_idx], step):
+            cond = self.teacher.sample_conditions(n, g, self.data).to(self.device)
         real = real_cond = None
         if self.obj.wants_real(step):
             got = self.teacher.real_samples(n, g, self.data)
             if got is None:
                 raise ValueError("this objective needs real samples but the teacher/data provide none (set data.images)")
             real, real_cond = got[0].to(self.device), got[1].to(self.device)
-        return Batch(size=n, cond=cond.to(self.device), generator=g, device=self.device, real=real, real_cond=real_cond)
+        return Batch(size=n, cond=cond, generator=g, device=self.device, real=real, real_cond=real_cond,
+                     shared=shared)
 
     # ---- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -269,17 +313,29 @@ class Trainer:
             raise CheckpointError(f"checkpoint {ck} is unreadable ({msg[:200]}); delete it to resume from an "
                                   f"earlier one, or set train.resume=false to start over") from None
         self.step = int(state["step"])
+        for n, opt in self.optims.items():  # load_state_dict restored the saved groups' flags: use this run's choice
+            apply_impl(opt, self.optim_impl[n])
         return ck
 
     # ---- training -----------------------------------------------------------------------------
     def _params_finite(self) -> bool:
         ok = all(torch.isfinite(p).all() for m in self.plain.values() for p in m.parameters())
-        flag = torch.tensor([0.0 if ok else 1.0], device=self.device)
-        return float(self.acc.reduce(flag, "sum")) == 0
+        return not self._any_process(not ok)
 
-    def _any_process(self, bad: bool) -> bool:
-        flag = torch.tensor([1.0 if bad else 0.0], device=self.device)
+    def _any_process(self, bad) -> bool:
+        """Whether ``bad`` (a bool, or a bool tensor on the device: read back once here) holds on any process."""
+        if self.acc.num_processes == 1:
+            return bool(bad)
+        flag = torch.as_tensor(bad, device=self.device).float().reshape(1)
         return float(self.acc.reduce(flag, "sum")) > 0
+
+    def _to_host(self, logs: dict) -> dict:
+        """Logged values as floats: every tensor read back in one transfer (one host sync per logging step)."""
+        keys = [k for k, v in logs.items() if torch.is_tensor(v)]
+        if keys:
+            vals = torch.stack([logs[k].detach().float().reshape(()).to(self.device) for k in keys]).tolist()
+            logs = {**logs, **dict(zip(keys, vals))}
+        return {k: float(v) for k, v in logs.items()}
 
     # ---- preemption ---------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
@@ -322,37 +378,51 @@ class Trainer:
         self.acc.wait_for_everyone()
 
     def train_step(self) -> dict:
+        """One optimisation step of every group in the objective's plan.  The returned logs hold tensors (and
+        floats): :meth:`fit` reads them back only at logging steps."""
         tc = self.cfg.train
         logs: dict = {}
         for group in self.obj.reset_groups(self.step):  # the objective re-initialised these weights
             opt = self.optims[group]
             getattr(opt, "optimizer", opt).state.clear()
+        shared = [{} for _ in range(tc.grad_accum)]  # Batch.shared: micro-batch i of every group in this step
         for gi, group in enumerate(self.obj.plan(self.step)):
-            module, opt = self.wrapped[group], self.optims[group]
+            module, opt = self.wrapped[group], self._step_opt[group]
             nets = {n: (self.wrapped[n] if n == group else self.plain[n]) for n in self.names}
             opt.zero_grad(set_to_none=True)
-            bad = False
+            loss_sum = None
             for micro in range(tc.grad_accum):
-                batch = self.make_batch(self.step, self.names.index(group), micro)
+                batch = self.make_batch(self.step, self.names.index(group), micro, shared[micro])
                 sync = self.acc.no_sync(module) if micro < tc.grad_accum - 1 else nullcontext()
-                with sync, self.acc.autocast():
+                with sync, self._autocast():
                     out = self.obj.loss(group, batch, self.step, nets)
-                if not torch.isfinite(out.loss):
-                    bad = True
-                self.acc.backward(out.loss / tc.grad_accum)
+                loss = out.loss / tc.grad_accum if tc.grad_accum > 1 else out.loss
+                loss.backward() if self._plain_backward else self.acc.backward(loss)
+                loss = loss.detach()
+                loss_sum = loss if loss_sum is None else loss_sum + loss
                 for k, v in out.logs.items():
-                    logs[f"{group}/{k}"] = logs.get(f"{group}/{k}", 0.0) + v / tc.grad_accum
-                logs[f"{group}/loss"] = logs.get(f"{group}/loss", 0.0) + out.loss.item() / tc.grad_accum
-            params = [p for p in module.parameters() if p.requires_grad]
-            if tc.max_grad_norm > 0:
-                gnorm = self.acc.clip_grad_norm_(params, tc.max_grad_norm)
+                    v = v / tc.grad_accum if tc.grad_accum > 1 else v
+                    prev = logs.get(f"{group}/{k}")
+                    logs[f"{group}/{k}"] = v if prev is None else prev + v
+            logs[f"{group}/loss"] = loss_sum
+            params = self._params[group]
+            if self._plain_clip or tc.max_grad_norm <= 0:
+                # the gradient norm and the loss read back together: the divergence guard (the step's one read-back
+                # per group, before the update is applied; a non-finite micro-batch loss makes the sum non-finite)
+                # and the clipping decision (torch's clip_grad_norm_ numbers, its no-op multiply by 1 skipped)
+                gnorm = _total_norm([p.grad for p in params if p.grad is not None]).detach()
+                loss_h, norm_h = torch.stack([loss_sum.float(), gnorm.float().to(loss_sum.device)]).tolist()
+                if self._any_process(not (math.isfinite(loss_h) and math.isfinite(norm_h))):
+                    raise TrainingDiverged(f"non-finite loss or gradient in group '{group}' at step {self.step}")
+                if 0 < tc.max_grad_norm <= (norm_h + 1e-6) * (1 + 1e-6):
+                    _clip_to(params, tc.max_grad_norm, gnorm)
             else:
-                gnorm = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-            gnorm = float(gnorm)
+                gnorm = torch.as_tensor(self.acc.clip_grad_norm_(params, tc.max_grad_norm)).detach()
+                if self._any_process(~(torch.isfinite(loss_sum) & torch.isfinite(gnorm.to(loss_sum.device)))):
+                    raise TrainingDiverged(f"non-finite loss or gradient in group '{group}' at step {self.step}")
             logs[f"{group}/grad_norm"] = gnorm
-            if self._any_process(bad or not math.isfinite(gnorm)):
-                raise TrainingDiverged(f"non-finite loss or gradient in group '{group}' at step {self.step}")
             opt.step()
+            opt.zero_grad(set_to_none=True)  # free this group's gradients before the next group's forward (memory)
             if group == "student" and self.ema is not None:
                 self.ema.step(self._trainable(self.plain["student"]))
             self.obj.after_step(group, self.step)
@@ -366,11 +436,15 @@ class Trainer:
         if resumed is not None:
             self.log(f"resumed from {resumed} at step {self.step}")
         self.obj.setup(self.run_dir, self.acc)
+        self._prepare_real(mode)
+        if self.acc.is_main_process:
+            self.log(f"optimizer: {self.optimizer_info()['describe']}")
         if self.acc.is_main_process and tc.tracker != "none":
             from .config import config_to_dict, flatten
 
             hp = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                   for k, v in flatten(config_to_dict(self.cfg)).items()}
+            hp["train.optimizer"] = self.optimizer_info()["describe"]  # resolved here, not a config key
             self.acc.init_trackers("fewstep", config=hp)
         bar = Progress(mode, tc.max_steps, self.step, f"{self.obj.name}", enabled=self.acc.is_local_main_process)
         t0 = time.time()
@@ -391,6 +465,7 @@ class Trainer:
                     time.sleep(throttle)
                 logged = self.step % tc.log_every == 0 or self.step == tc.max_steps
                 if logged:
+                    logs = self._to_host(logs)  # the one read-back of this logging interval
                     logs["steps_per_sec"] = (self.step - start) / max(time.time() - t0, 1e-9)
                     self.acc.log(logs, step=self.step)
                     self.history.append({"step": self.step, **logs})
@@ -432,7 +507,27 @@ class Trainer:
                 for sig, handler in old_handlers.items():
                     signal.signal(sig, handler)
         self.acc.wait_for_everyone()
-        return {"steps": self.step, "train_seconds": time.time() - t0, "last_checkpoint": str(last_good)}
+        return {"steps": self.step, "train_seconds": time.time() - t0, "last_checkpoint": str(last_good),
+                "optimizer": self.optimizer_info()}
+
+    def optimizer_info(self) -> dict:
+        """The resolved optimizer: ``{"name": "AdamW", "impl": {group: fused|foreach|for-loop}, "describe": str}``."""
+        impls = sorted(set(self.optim_impl.values()))
+        describe = "AdamW, " + (impls[0] if len(impls) == 1 else
+                                ", ".join(f"{g} {i}" for g, i in self.optim_impl.items()))
+        return {"name": "AdamW", "impl": dict(self.optim_impl), "describe": describe}
+
+    def _prepare_real(self, mode: str) -> None:
+        """Real samples that any step will ask for (e.g. ``data.images`` VAE-encoded): prepared now, once, with a
+        progress bar (``mode`` bar) or a line (lines), so that no training step pays for them."""
+        if not self.obj.uses_real_data():
+            return
+        prepare = getattr(self.teacher, "prepare_real_samples", None)
+        if prepare is None:
+            return
+        main = self.acc.is_local_main_process
+        prepare(self.data, bar=main and mode == "bar",
+                log=(lambda msg: print(msg, file=sys.stderr, flush=True)) if main and mode == "lines" else None)
 
     def _checked_save(self, last_good) -> Path:
         if not self._params_finite():

@@ -79,6 +79,25 @@ def test_adapter_x0_equals_scheduler_step_by_hand(flow_pipes, family, guidance):
     assert torch.allclose(x0, hand, atol=1e-5), float((x0 - hand).abs().max())
 
 
+def test_sd3_timestep_reaches_the_transformer_in_float32(flow_pipes):
+    """A bf16 SD3 transformer gets the timestep as StableDiffusion3Pipeline passes it (float32): 750 stays 750,
+    where bf16 would round it to 752."""
+    from fewstep.teachers.load import load_diffusers_teacher
+
+    teacher = load_diffusers_teacher(flow_pipes["sd3"], dtype="bfloat16")
+    cond = teacher.conditions_for_prompts(PROMPTS[:1])
+    seen = []
+    hook = teacher.pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["timestep"]),
+                                                              with_kwargs=True)
+    try:
+        with torch.no_grad():
+            teacher(torch.randn(1, *teacher.sample_shape), torch.tensor([0.75]), cond)
+    finally:
+        hook.remove()
+    assert torch.tensor(750.0, dtype=torch.bfloat16).item() == 752.0  # what a bf16 timestep would have been
+    assert seen and all(t.dtype == torch.float32 and t.tolist() == [750.0] * len(t) for t in seen), seen
+
+
 @pytest.mark.parametrize("steps", [1, 2, 3, 4])
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_exported_flow_scheduler_gives_the_student_grid(flow_pipes, family, steps):

@@ -69,3 +69,33 @@ def test_renoise_matches_marginal():
     a, sg = s.alpha(torch.tensor(0.8)), s.sigma(torch.tensor(0.8))
     assert abs(float(xt.mean()) - 0.7 * float(a)) < 5e-3
     assert abs(float(xt.std()) - float(sg)) < 5e-3
+
+
+@pytest.mark.parametrize("objective", ["dmd2", "phased_dmd"])
+def test_zero_terminal_snr_teacher_trains_and_exports_one_schedule(objective):
+    """A teacher scheduler with rescale_betas_zero_snr: the schedule training uses is the rescaled one (sigma(1) = 1,
+    alpha(1) ~ 0), and the exported stock scheduler carries the same alphas_cumprod, so sampling matches training."""
+    from fewstep.export import _scheduler_from_spec
+    from fewstep.objectives.base import sampler_for
+
+    cfg = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+               prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    teacher_sched = DDPMScheduler(**cfg)
+    sched = VPDiscrete.from_scheduler_config(teacher_sched.config)
+    assert float(sched.sigma(torch.tensor(1.0))) == pytest.approx(1.0, abs=1e-6)
+    assert float(sched.alpha(torch.tensor(1.0))) < 1e-3
+    plain = VPDiscrete.from_scheduler_config({k: v for k, v in cfg.items() if k != "rescale_betas_zero_snr"})
+    assert float(plain.alpha(torch.tensor(1.0))) > 0.05  # without the flag the last step keeps real signal
+    if objective == "dmd2":
+        spec = sampler_for(sched, 4)
+    else:
+        from fewstep.objectives.phased_dmd import PhasedDMD
+
+        spec = PhasedDMD.export_spec(type("O", (), {"config": type("C", (), {"transition": "ddim"}), "steps": 4,
+                                                    "teacher": type("T", (), {"schedule": sched}),
+                                                    "student": type("S", (), {"num_experts": 1})})())
+    exported = _scheduler_from_spec(teacher_sched, spec)
+    assert exported.config.rescale_betas_zero_snr is True
+    k = torch.tensor([249, 499, 749, 998])
+    torch.testing.assert_close(exported.alphas_cumprod[k].double().sqrt(), sched.alpha(sched.timestep_to_t(k.double())),
+                               rtol=1e-5, atol=1e-7)

@@ -4,7 +4,7 @@ The trainer owns optimisation; an objective only says *what* to optimise::
 
     obj.networks()                      -> {"student": module, "critic": module, ...}   trainable groups
     obj.plan(step)                      -> ["student", "critic"] ...   groups that step now (in order)
-    obj.loss(group, batch, step, nets)  -> LossOutput(loss, logs)
+    obj.loss(group, batch, step, nets)  -> LossOutput(loss, logs)       logs: tensors (read back per log interval)
     obj.sample(student, noise, cond, num_steps, generator) -> x0       few-step sampler
     obj.export_spec()                   -> scheduler + recommended call
 
@@ -34,14 +34,20 @@ class LossOutput:
 
 @dataclass
 class Batch:
-    """One micro-batch's inputs: conditions, an optional real batch, and the generator for all its noise."""
+    """One micro-batch's inputs: conditions, an optional real batch, and the generator for all its noise.
+
+    ``cond`` is None when the objective said it does not read it (:meth:`Objective.wants_conditions`).
+    ``shared``: within one optimisation step, the one dict that every group's micro-batch of the same index gets from
+    the trainer (None outside the trainer): an objective leaves something there for a later group of the same step,
+    e.g. the student's detached samples, which the critic trains on instead of rolling the student out again."""
 
     size: int
-    cond: Condition
+    cond: Optional[Condition]
     generator: torch.Generator  # CPU generator seeded from (seed, step, micro-batch, process)
     device: torch.device
     real: Optional[Tensor] = None  # clean real samples (latents) when the objective asks for data
     real_cond: Optional[Condition] = None
+    shared: Optional[dict] = None
 
     def randn(self, shape) -> Tensor:
         return torch.randn(tuple(shape), generator=self.generator).to(self.device)
@@ -100,6 +106,7 @@ class Objective:
     Config: ClassVar[type] = ObjectiveConfig
     needs_real_data: ClassVar[bool] = False  # ask the trainer for a real batch every step
     data_free: ClassVar[bool] = False  # never opens a data source
+    shares_base: ClassVar[bool] = False  # its LoRA networks may be adapters on the teacher's own weights (student.share_base)
     schedules: ClassVar[tuple] = ("vp", "vp_discrete", "flow")  # teacher schedule kinds it supports
 
     def __init__(self, config, teacher, student_steps: int):
@@ -142,6 +149,16 @@ class Objective:
     def wants_real(self, step: int) -> bool:
         """Whether this step's batches need real samples."""
         return self.needs_real_data
+
+    def uses_real_data(self) -> bool:
+        """Whether any step will want real samples: the trainer then prepares them (e.g. VAE-encodes
+        ``data.images``) once, before the first step.  Default: ``needs_real_data`` or ``wants_real(0)``."""
+        return bool(self.needs_real_data or self.wants_real(0))
+
+    def wants_conditions(self, group: str, step: int) -> bool:
+        """Whether ``loss(group, ...)`` at ``step`` reads ``batch.cond``; if not, the trainer samples (and encodes)
+        no conditions for it and ``batch.cond`` is None.  Default: always."""
+        return True
 
     def lr_scale(self, group: str) -> float:
         return 1.0

@@ -130,7 +130,7 @@ class BOOT(Objective):
         pred = self.signal(student, eps, s, cond)
         err = (pred.float() - target).pow(2).flatten(1).mean(1)
         loss = (err / delta.pow(2)).mean() if self.config.weighting == "delta" else err.mean()
-        return LossOutput(loss, {"loss_boot": loss.item(), "signal_step_mse": err.mean().item()})
+        return LossOutput(loss, {"loss_boot": loss.detach(), "signal_step_mse": err.detach().mean()})
 
     # ---- sampling and export ------------------------------------------------------------------------
     @torch.no_grad()

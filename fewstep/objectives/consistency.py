@@ -216,6 +216,9 @@ class Consistency(Objective):
     def plan(self, step):
         return ["student"]
 
+    def wants_conditions(self, group, step):
+        return False  # trains on real samples and their own conditions (batch.real_cond) only
+
     def state_modules(self):
         return {"consistency_target": self.target} if self.target is not None else {}
 
@@ -225,8 +228,12 @@ class Consistency(Objective):
         if group != "student" or self.target is None:
             return
         d = self.config.target_ema
-        for pt, ps in zip(self.target.parameters(), self.student.parameters()):
-            pt.lerp_(ps.detach().to(pt.dtype), 1.0 - d)
+        tgt, src = list(self.target.parameters()), [p.detach() for p in self.student.parameters()]
+        if all(a.dtype == b.dtype and a.device == b.device for a, b in zip(tgt, src)):
+            torch._foreach_lerp_(tgt, src, 1.0 - d)  # one multi-tensor kernel: the same lerp as below
+            return
+        for pt, ps in zip(tgt, src):
+            pt.lerp_(ps.to(pt.dtype), 1.0 - d)
 
     # ---- the consistency function -----------------------------------------------------------------
     def consistency(self, net, x: Tensor, t: Tensor, cond: Condition) -> Tensor:
@@ -315,7 +322,7 @@ class Consistency(Objective):
             target_net = self.target if self.target is not None else _plain(nets["student"])
             target = self.consistency(target_net, x_lo, t_lo, cond_target)
         loss = self.distance(pred, target, weight)
-        logs = {f"loss_{self.name}": loss.item(), "target_gap": (pred.detach() - target).abs().mean().item()}
+        logs = {f"loss_{self.name}": loss.detach(), "target_gap": (pred.detach() - target).abs().mean()}
         return LossOutput(loss, logs)
 
     # ---- export ---------------------------------------------------------------------------------

@@ -12,6 +12,10 @@ restarted from the teacher for each phase, with the DM and critic times inside t
 ``(t_{k+1}, t_k]`` (Phased DMD's schedule with one shared network and DMD2's re-noising sampler: this file
 delegates to :class:`~fewstep.objectives.phased_dmd.PhasedDMD`); ``per_exit`` keeps one critic per exit,
 all exits at once; ``dmd2`` is the published rule (a random exit, one critic for the mixture of exits).
+
+One student rollout per step: on a step that updates both groups, the critic trains on the student's detached output
+of that step (as DMD2's reference code does), handed over in ``Batch.shared``; only critic-only (TTUR) steps roll the
+student out again, without gradients.
 """
 from __future__ import annotations
 
@@ -108,6 +112,10 @@ class DMD2Config(ObjectiveConfig):
     # exits, the published recipe) or "last" (always the last exit); see BACKWARD_SIMULATION
     backward_simulation: str = "phased"
     phase_steps: int = 0  # "phased": steps per exit; 0 splits train.max_steps evenly
+    # the critic as a LoRA (peft adapter): null = the student's rank and alpha when the student is a LoRA on the shared
+    # base (student.share_base), else a full copy; 0 = a full float32 copy; > 0 = a LoRA of this rank
+    critic_lora_rank: Optional[int] = None
+    critic_lora_alpha: Optional[float] = None  # null: the rank (scale 1); with critic_lora_rank null: the student's
 
 
 @dataclass
@@ -121,6 +129,7 @@ class DMDConfig(DMD2Config):
 class DMD2(Objective):
     name = "dmd2"
     Config = DMD2Config
+    shares_base = True  # LoRA student / critic as adapters on the teacher's UNet (student.share_base)
 
     def __init__(self, config, teacher, student_steps):
         super().__init__(config, teacher, student_steps)
@@ -186,6 +195,10 @@ class DMD2(Objective):
             return ["student", "critic"]
         return ["critic"]
 
+    def wants_conditions(self, group, step):
+        # after a student update in the same step the critic trains on the student's samples and their conditions
+        return group != "critic" or "student" not in self.plan(step)
+
     def wants_real(self, step):
         return self.config.gan_weight > 0
 
@@ -201,7 +214,7 @@ class DMD2(Objective):
         """(input, time) of :meth:`_backward_simulation` (without the exit indices)."""
         return self._backward_simulation(student_plain, batch, cond)[:2]
 
-    def _backward_simulation(self, student_plain, batch: Batch, cond: Condition):
+    def _backward_simulation(self, student_plain, batch: Batch, cond: Condition, keep_all: bool = False):
         """Noise, or for a multi-step student a state at a grid time reached by the student itself.
 
         Backward simulation (DMD2 Sec. 4.5): run the student ``k`` steps from noise without grad, re-noise
@@ -213,11 +226,15 @@ class DMD2(Objective):
         With one shared critic (``dmd2``) the critic models the *mixture* of all exits' outputs, and the DM
         gradient only asks that mixture to match the data: the exits can settle where they compensate each
         other (each collapsed or too wide, the mixture right).  Per-exit critics ask it of every exit.
-        Returns ``(x, t, exit)``, ``exit`` a (B,) LongTensor of exit indices.
+        Returns ``(x, t, exit)``, ``exit`` a (B,) LongTensor of exit indices.  ``keep_all``: run every sample through
+        every exit (the same noise stream once the batch holds every exit) and return, fourth, what
+        :meth:`_all_exits` returns for the per-exit critics: one rollout for both groups of the step.
         """
         n, dev = batch.size, batch.device
         x = batch.randn((n, *self.teacher.sample_shape))
-        k = batch.randint(self.steps) if self.steps > 1 else 0  # drawn in every mode: same noise stream
+        if self.steps == 1:  # one exit: noise at the first grid time
+            return x, torch.full((n,), self.times[0], device=dev), torch.zeros((n,), dtype=torch.long, device=dev)
+        k = batch.randint(self.steps)  # drawn in every mode: same noise stream
         if self.exit_rule == "last":
             k = self.steps - 1
         if self.exit_rule == "stratified":
@@ -227,6 +244,18 @@ class DMD2(Objective):
         top = int(exits.max()) if n else 0  # the deepest exit (on the CPU: no device sync)
         exits = exits.to(dev)
         times = torch.tensor(self.times, device=dev)
+        if keep_all:
+            states, outs = [], []
+            with torch.no_grad():
+                for i in range(self.steps):
+                    t = torch.full((n,), self.times[i], device=dev)
+                    states.append(x)
+                    outs.append(student_plain(x, t, cond))
+                    if i + 1 < self.steps:
+                        x = self.teacher.schedule.add_noise(outs[-1], batch.randn(x.shape), torch.full_like(t, self.times[i + 1]))
+            x_in = torch.stack(states)[exits, torch.arange(n, device=dev)]
+            every = torch.arange(self.steps, device=dev).repeat_interleave(n)
+            return x_in, times[exits], exits, (torch.cat(outs), every, Condition.cat([cond] * self.steps))
         with torch.no_grad():
             for i in range(top):
                 eps = batch.randn(x.shape)  # the whole batch's noise each step: the stream does not depend on exits
@@ -281,7 +310,12 @@ class DMD2(Objective):
         c = self.config
         student, critic = nets["student"], nets["critic"]
         plain = _plain(student)
-        x_in, t_in, exits = self._backward_simulation(plain, batch, batch.cond)
+        handoff = batch.shared is not None  # inside the trainer: the critic update of this step reuses the rollout
+        if self.per_exit and handoff:  # the per-exit critics want every exit: roll every sample through all of them
+            x_in, t_in, exits, every = self._backward_simulation(plain, batch, batch.cond, keep_all=True)
+            batch.shared["dmd2_fake"] = every
+        else:
+            x_in, t_in, exits = self._backward_simulation(plain, batch, batch.cond)
         cond = batch.cond
         n_reg = 0
         if self.reg is not None:  # one forward over [main batch, regression pairs] (one DDP forward per step)
@@ -294,6 +328,8 @@ class DMD2(Objective):
             n_reg = batch.size
         out = student(x_in, t_in, cond)
         x = out[: batch.size]
+        if handoff and not self.per_exit:
+            batch.shared["dmd2_fake"] = (x.detach(), exits, batch.cond)
         logs = {}
         xt, t, _ = self._noised(x, batch, c.min_t, c.max_t)
         with torch.no_grad():
@@ -301,13 +337,13 @@ class DMD2(Objective):
             fake = _plain(critic)(xt.detach(), t, batch.cond, exit=exits)
         loss_dm, grad = losses.dm_loss(x, real, fake)
         total = c.dm_weight * loss_dm
-        logs["loss_dm"] = loss_dm.item()
-        logs["dm_grad_norm"] = grad.flatten(1).norm(dim=1).mean().item()
-        logs["x0_gap_teacher_critic"] = (real - fake).abs().mean().item()
+        logs["loss_dm"] = loss_dm.detach()
+        logs["dm_grad_norm"] = grad.flatten(1).norm(dim=1).mean()
+        logs["x0_gap_teacher_critic"] = (real - fake).abs().mean()
         if n_reg:
             loss_reg = F.mse_loss(out[batch.size:].float(), y_ref.float())
             total = total + c.reg_weight * loss_reg
-            logs["loss_reg_mse"] = loss_reg.item()
+            logs["loss_reg_mse"] = loss_reg.detach()
         if c.gan_weight > 0:
             xg, tg, _ = self._noised(x, batch, c.critic_t_min, 1.0)
             crit = _plain(critic)
@@ -315,15 +351,20 @@ class DMD2(Objective):
                 _, logits = crit(xg, tg, batch.cond, with_logits=True, exit=exits)
             loss_g = losses.gan_generator_loss(logits)
             total = total + c.gan_weight * loss_g
-            logs["loss_gan_g"] = loss_g.item()
-            logs["logits_fake_g"] = logits.mean().item()
+            logs["loss_gan_g"] = loss_g.detach()
+            logs["logits_fake_g"] = logits.detach().mean()
         return LossOutput(total, logs)
 
     def _critic_loss(self, batch: Batch, nets) -> LossOutput:
         c = self.config
         student, critic = _plain(nets["student"]), nets["critic"]
         per_exit = _plain(critic).num_exits > 1
-        if per_exit:  # every critic on its own exit's x0 for the whole batch (one K-step rollout gives them all)
+        handed = batch.shared.get("dmd2_fake") if batch.shared is not None else None
+        if handed is not None:  # the student updated in this step: its detached samples, no second rollout
+            fake, exits, cond = handed
+        elif batch.cond is None:
+            raise RuntimeError("dmd2 critic step without conditions and without the student's samples of this step")
+        elif per_exit:  # every critic on its own exit's x0 for the whole batch (one K-step rollout gives them all)
             fake, exits, cond = self._all_exits(student, batch, batch.cond)
         else:
             with torch.no_grad():
@@ -350,13 +391,13 @@ class DMD2(Objective):
             loss_dsm = losses.dsm_loss(native[:n], target)
             loss_d = losses.gan_discriminator_loss(logits[:n], logits[n:])
             total = loss_dsm + self.disc_weight * loss_d
-            logs.update(loss_gan_d=loss_d.item(), logits_fake=logits[:n].mean().item(),
-                        logits_real=logits[n:].mean().item())
+            logs.update(loss_gan_d=loss_d.detach(), logits_fake=logits[:n].detach().mean(),
+                        logits_real=logits[n:].detach().mean())
         else:
             _, native = critic(xt, t, cond, return_native=True, exit=exits)
             loss_dsm = losses.dsm_loss(native, target)
             total = loss_dsm
-        logs["loss_critic_dsm"] = loss_dsm.item()
+        logs["loss_critic_dsm"] = loss_dsm.detach()
         return LossOutput(total, logs)
 
     # ---- DMD regression pairs -------------------------------------------------------------------

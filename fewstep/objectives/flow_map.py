@@ -131,6 +131,10 @@ class FlowMap(Objective):
     def lr_scale(self, group):
         return self.config.critic_lr_scale if group == "critic" else 1.0
 
+    def wants_conditions(self, group, step):
+        # after a student update in the same step the critic trains on the student's samples and their conditions
+        return group != "critic" or "student" not in self.plan(step)
+
     def loss(self, group, batch, step, nets):
         if group == "student":
             return self._student_loss(batch, nets)
@@ -175,10 +179,18 @@ class FlowMap(Objective):
             loss_p, lp = self._predictor(student, x[:n_p], t0[:n_p], batch.cond[:n_p], batch)
             total = total + c.predictor_weight * loss_p
             logs.update(lp)
+        x0_c = None
         if n_c:
-            loss_c, lc = self._corrector(student, nets["critic"], x[n_p:], t0[n_p:], batch.cond[n_p:], batch)
+            loss_c, lc, x0_c = self._corrector(student, nets["critic"], x[n_p:], t0[n_p:], batch.cond[n_p:], batch)
             total = total + c.corrector_weight * loss_c
             logs.update(lc)
+        if self.critic is not None and batch.shared is not None:
+            # the critic update of this step trains on these samples: the corrector's, and the predictor part's
+            # jump to 0 (no gradient), instead of a second rollout from new noise
+            with torch.no_grad():
+                parts = [jump(_plain(student), x[:n_p], t0[:n_p], t0[:n_p], batch.cond[:n_p])[0]] if n_p else []
+            parts += [x0_c.detach()] if n_c else []
+            batch.shared["flow_map_fake"] = (torch.cat(parts), batch.cond)
         return LossOutput(total, logs)
 
     def _predictor(self, student, x: Tensor, t: Tensor, cond: Condition, batch: Batch):
@@ -197,8 +209,8 @@ class FlowMap(Objective):
         err = losses.per_sample_mean((v.float() - target) ** 2)
         w = (err.detach() + c.adaptive_c).pow(-c.adaptive_p) if c.adaptive_p > 0 else torch.ones_like(err)
         loss = (w * err).mean()
-        return loss, {"loss_pred": loss.item(), "pred_mse": err.mean().item(),
-                      "pred_dvdd_norm": dv.detach().flatten(1).norm(dim=1).mean().item()}
+        return loss, {"loss_pred": loss.detach(), "pred_mse": err.detach().mean(),
+                      "pred_dvdd_norm": dv.detach().flatten(1).norm(dim=1).mean()}
 
     def _corrector(self, student, critic, x: Tensor, t: Tensor, cond: Condition, batch: Batch):
         c = self.config
@@ -209,23 +221,30 @@ class FlowMap(Objective):
             real = self.teacher(xr, r, cond, guidance_scale=self.guidance)
             fake = _plain(critic)(xr, r, cond)
         loss, grad = losses.dm_loss(x0, real, fake)
-        return loss, {"loss_corr": loss.item(), "dm_grad_norm": grad.flatten(1).norm(dim=1).mean().item(),
-                      "x0_gap_teacher_critic": (real - fake).abs().mean().item()}
+        return loss, {"loss_corr": loss.detach(), "dm_grad_norm": grad.flatten(1).norm(dim=1).mean(),
+                      "x0_gap_teacher_critic": (real - fake).abs().mean()}, x0
 
     def _critic_loss(self, batch: Batch, nets) -> LossOutput:
         """Flow matching on the student's re-noised samples (the "fake" velocity field)."""
         c = self.config
         student, critic = _plain(nets["student"]), nets["critic"]
-        with torch.no_grad():
-            x, t0 = self._start(student, batch, batch.cond)
-            fake, _ = jump(student, x, t0, t0, batch.cond)
+        handed = batch.shared.get("flow_map_fake") if batch.shared is not None else None
+        if handed is not None:  # the student updated in this step: its detached samples, no second rollout
+            fake, cond = handed
+        elif batch.cond is None:
+            raise RuntimeError("flow_map critic step without conditions and without the student's samples")
+        else:
+            cond = batch.cond
+            with torch.no_grad():
+                x, t0 = self._start(student, batch, cond)
+                fake, _ = jump(student, x, t0, t0, cond)
         r = c.critic_t_min + (1.0 - c.critic_t_min) * batch.rand(fake.shape[0])
         eps = batch.randn(fake.shape)
         xr = self.teacher.schedule.add_noise(fake, eps, r)
-        _, native = critic(xr, r, batch.cond, return_native=True)
+        _, native = critic(xr, r, cond, return_native=True)
         target = self.teacher.schedule.target(_plain(critic).denoiser.prediction, fake, eps, r)
         loss = losses.dsm_loss(native, target)
-        return LossOutput(loss, {"loss_critic_fm": loss.item()})
+        return LossOutput(loss, {"loss_critic_fm": loss.detach()})
 
     # ---- sampling and export --------------------------------------------------------------------
     def sample(self, student, noise: Tensor, cond: Condition, num_steps: Optional[int] = None,

@@ -61,6 +61,8 @@ class PhasedDMDConfig(ObjectiveConfig):
     guidance_scale: Optional[float] = None  # teacher CFG for the DM gradient; None -> teacher.guidance_scale
     gan_weight: float = 0.0  # optional GAN term (needs data.images), on the critic's bottleneck, as in DMD2
     gan_disc_weight: Optional[float] = None
+    critic_lora_rank: Optional[int] = None  # the critic as a LoRA: as dmd2's objective.critic_lora_rank
+    critic_lora_alpha: Optional[float] = None
 
 
 class PhasedStudent(nn.Module):
@@ -136,6 +138,7 @@ def _activate_adapter(net: nn.Module, name: str) -> None:
 class PhasedDMD(Objective):
     name = "phased_dmd"
     Config = PhasedDMDConfig
+    shares_base = True  # LoRA experts / critic as adapters on the teacher's UNet (student.share_base)
 
     def __init__(self, config, teacher, student_steps):
         super().__init__(config, teacher, student_steps)
@@ -171,6 +174,9 @@ class PhasedDMD(Objective):
         first = self.teacher.new_network("student")
         if not separate:
             return PhasedStudent([first], self.times)
+        if first.shared_base:  # adapters on the teacher's UNet: one more adapter (a network of its own) per expert
+            return PhasedStudent([first] + [self.teacher.new_network("student") for _ in range(self.steps - 1)],
+                                 self.times)
         peft_cfg = getattr(first.net, "peft_config", None)
         if peft_cfg:  # LoRA experts: K adapters on one frozen base
             base_cfg = peft_cfg["default"]
@@ -221,6 +227,10 @@ class PhasedDMD(Objective):
 
     def plan(self, step):
         return ["student", "critic"] if step % self.config.critic_steps == 0 else ["critic"]
+
+    def wants_conditions(self, group, step):
+        # after a student update in the same step the critic trains on the student's x_s and its conditions
+        return group != "critic" or "student" not in self.plan(step)
 
     def wants_real(self, step):
         return self.config.gan_weight > 0
@@ -274,6 +284,8 @@ class PhasedDMD(Objective):
         student, critic = nets["student"], nets["critic"]
         x_in = self._phase_input(_plain(student), batch, k)
         x0, x_out = self._step(student, x_in, k, batch.cond, batch.randn)
+        if batch.shared is not None:  # the critic update of this step trains on these samples (one rollout a step)
+            batch.shared["phased_x_s"] = (x_out.detach(), batch.cond)
         t = self._sub_times(k, c.min_t, c.max_t, batch)
         xt, _, _ = self._renoised(x_out, k, t, batch)
         with torch.no_grad():
@@ -281,8 +293,8 @@ class PhasedDMD(Objective):
             fake = _plain(critic)(xt.detach(), t, batch.cond)
         # the generator's x0 carries the gradient: x_{t_{k+1}} is an affine map of it with a positive scale
         loss_dm, grad = losses.dm_loss(x0, real, fake)
-        logs = {"phase": float(k), "loss_dm": loss_dm.item(), "dm_grad_norm": grad.flatten(1).norm(dim=1).mean().item(),
-                "x0_gap_teacher_critic": (real - fake).abs().mean().item()}
+        logs = {"phase": float(k), "loss_dm": loss_dm.detach(), "dm_grad_norm": grad.flatten(1).norm(dim=1).mean(),
+                "x0_gap_teacher_critic": (real - fake).abs().mean()}
         total = loss_dm
         if c.gan_weight > 0:
             tg = self._sub_times(k, c.critic_t_min, 1.0, batch)
@@ -292,7 +304,7 @@ class PhasedDMD(Objective):
                 _, logits = crit(xg, tg, batch.cond, with_logits=True)
             loss_g = losses.gan_generator_loss(logits)
             total = total + c.gan_weight * loss_g
-            logs["loss_gan_g"] = loss_g.item()
+            logs["loss_gan_g"] = loss_g.detach()
         return LossOutput(total, logs)
 
     def critic_targets(self, kind: str, x_s: Tensor, k: int, t: Tensor, batch: Batch):
@@ -311,9 +323,16 @@ class PhasedDMD(Objective):
     def _critic_loss(self, batch: Batch, nets, k: int) -> LossOutput:
         c = self.config
         critic = nets["critic"]
-        x_in = self._phase_input(_plain(nets["student"]), batch, k)
-        with torch.no_grad():
-            _, x_s = self._step(_plain(nets["student"]), x_in, k, batch.cond, batch.randn)
+        handed = batch.shared.get("phased_x_s") if batch.shared is not None else None
+        if handed is not None:  # the student updated in this step: its detached x_{t_{k+1}}, no second rollout
+            x_s, cond = handed
+        elif batch.cond is None:
+            raise RuntimeError("phased_dmd critic step without conditions and without the student's samples")
+        else:
+            cond = batch.cond
+            with torch.no_grad():
+                x_in = self._phase_input(_plain(nets["student"]), batch, k)
+                _, x_s = self._step(_plain(nets["student"]), x_in, k, cond, batch.randn)
         t = self._sub_times(k, c.critic_t_min, 1.0, batch)
         kind = _plain(critic).denoiser.prediction
         xt, target, weight = self.critic_targets(kind, x_s, k, t, batch)
@@ -324,19 +343,19 @@ class PhasedDMD(Objective):
             # real data reach the phase's subinterval by the teacher's own marginal: noise x0 to t directly
             xr = self.teacher.schedule.add_noise(batch.real[: batch.size], batch.randn(x_s.shape), t)
             _, native, logits = critic(torch.cat([xt, xr]), torch.cat([t, t]),
-                                       Condition.cat([batch.cond, batch.real_cond[: batch.size]]),
+                                       Condition.cat([cond, batch.real_cond[: batch.size]]),
                                        return_native=True, with_logits=True)
             n = xt.shape[0]
             native = native[:n]
             loss_d = losses.gan_discriminator_loss(logits[:n], logits[n:])
-            logs["loss_gan_d"] = loss_d.item()
+            logs["loss_gan_d"] = loss_d.detach()
         else:
-            _, native = critic(xt, t, batch.cond, return_native=True)
+            _, native = critic(xt, t, cond, return_native=True)
             loss_d = None
         per = ((native.float() - target.float()) ** 2).flatten(1).mean(1)
         loss_dsm = (_bcast(weight, per) * per).mean()
         total = loss_dsm if loss_d is None else loss_dsm + self.disc_weight * loss_d
-        logs["loss_critic_dsm"] = loss_dsm.item()
+        logs["loss_critic_dsm"] = loss_dsm.detach()
         return LossOutput(total, logs)
 
     # ---- sampling and export ---------------------------------------------------------------------
@@ -363,8 +382,7 @@ class PhasedDMD(Objective):
         else:
             spec = {"scheduler": "DDIMScheduler",
                     "scheduler_config": {"timestep_spacing": "trailing", "set_alpha_to_one": True, "steps_offset": 0,
-                                         "clip_sample": False, "thresholding": False,
-                                         "rescale_betas_zero_snr": False}}
+                                         "clip_sample": False, "thresholding": False}}
         spec.update(num_inference_steps=self.steps, guidance_scale=getattr(self.teacher, "export_guidance_scale", 0.0))
         if self.student.num_experts > 1:
             parent = type(getattr(self.teacher, "pipe", None)).__name__
@@ -382,7 +400,11 @@ class PhasedDMD(Objective):
         name = "transformer" if "transformer" in self.teacher.pipe.components else "unet"
         nets = []
         for k in range(student.num_experts):
-            if student.adapters:
+            if student.experts[0].shared_base:  # expert k is an adapter on the teacher's UNet: merged as it is saved
+                from ..lora import merged_placeholder
+
+                net = merged_placeholder(student.experts[k].net, student.experts[k].adapter)
+            elif student.adapters:
                 net = copy.deepcopy(student.experts[0].net)
                 net.set_adapter(student.adapters[k])
                 net.fuse_lora(adapter_names=[student.adapters[k]])

@@ -18,17 +18,15 @@ import torch
 from torch import Tensor, nn
 
 from ..conditions import Condition
+from ..errors import TeacherLoadError  # noqa: F401  (defined there: importable without torch)
 from ..schedules import NoiseSchedule, _bcast
-
-
-class TeacherLoadError(ValueError):
-    """One-line, user-facing problem loading a teacher."""
 
 
 class Denoiser(nn.Module):
     """``forward(x_t, t, cond, guidance_scale=None) -> x0`` around a native-prediction network."""
 
     feature_module: Optional[str] = None  # dotted name of the bottleneck module (GAN-head features)
+    shared_base: bool = False  # an adapter on the teacher's own weights (teachers/adapters.py), not a network of its own
 
     def __init__(self, net: nn.Module, schedule: NoiseSchedule, prediction: str):
         super().__init__()
@@ -119,6 +117,8 @@ class Teacher:
     supports_jump: bool = False  # new_network(..., jump=True) gives a flow-map student
     supports_lora: bool = False  # student.lora_rank > 0 is honoured (student_lora below)
     student_lora: Optional[tuple] = None  # (rank, alpha) of a LoRA student; set by api.build
+    critic_lora: Optional[tuple] = None  # (rank, alpha) of a LoRA critic (objective.critic_lora_rank); set by api.build
+    share_base: bool = False  # LoRA networks are adapters on the teacher's own frozen network (student.share_base)
     embedded_guidance: Optional[float] = None  # guidance-distilled teachers (Flux): the guidance-embedding value
     export_guidance_scale: float = 0.0  # guidance_scale of the exported pipeline's recommended call
     # ---- the trained student: where it goes, how it is judged ---------------------------------------
@@ -160,6 +160,10 @@ class Teacher:
     def real_samples(self, n: int, generator: torch.Generator, data=None):
         """Real (clean) samples and their conditions, for GAN or consistency terms; ``None`` if unavailable."""
         return None
+
+    def prepare_real_samples(self, data=None, bar: bool = False, log=None) -> None:
+        """One-time work behind :meth:`real_samples` (e.g. VAE-encoding ``data.images``), done by the trainer before
+        the first step; ``bar``: show a progress bar, ``log``: a callable for a start/end line.  Default: none."""
 
     def to_images(self, x0: Tensor) -> Optional[Tensor]:
         """Decode clean samples to images in [0, 1] (B, 3, H, W) for grids; ``None`` for non-image data."""

@@ -71,7 +71,8 @@ class TransformerDenoiser(Denoiser):
         kw = {"encoder_hidden_states": cond.prompt_embeds.to(x_t.device, dtype),
               "pooled_projections": cond.pooled_embeds.to(x_t.device, dtype)}
         if self.kind == "sd3":
-            kw["timestep"] = self.schedule.t_to_timestep(t).to(x_t.device, dtype)
+            # float32 as StableDiffusion3Pipeline passes it: in bf16, 750 would round to 752
+            kw["timestep"] = self.schedule.t_to_timestep(t).to(x_t.device, torch.float32)
             x = x_t.to(dtype)
         else:
             from diffusers import FluxPipeline

@@ -17,7 +17,7 @@ from ..conditions import NULL_CLASS, Condition, PromptCache
 from ..schedules import VPDiscrete, diffusers_prediction
 from .base import Denoiser, Teacher
 
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections, as in diffusers' LoRA scripts
+from ..lora import LORA_TARGETS  # noqa: E402,F401  (the UNet LoRA targets; defined there: importable without torch)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -177,11 +177,15 @@ class DiffusersUNetTeacher(Teacher):
         return Condition()
 
     def new_network(self, role: str, guidance_dim: int = 0) -> Denoiser:
-        """A float32 trainable copy of the teacher UNet; a LoRA on it for the student when ``student.lora_rank > 0``.
+        """A float32 trainable copy of the teacher UNet, or a LoRA: for the student when ``student.lora_rank > 0``, for
+        the critic when ``objective.critic_lora_rank`` asks for one (``student_lora`` / ``critic_lora``).
 
+        With ``share_base`` a LoRA is a named adapter on the teacher's own frozen UNet (:mod:`.adapters`; the teacher's
+        calls then run with every adapter off); without, a LoRA on a float32 copy of its own.
         ``guidance_dim > 0``: the copy gets a zero-initialised guidance embedding (``time_cond_proj_dim``),
         fed from ``cond.guidance_w`` (full-copy students of a UNet2DConditionModel only).
         """
+        lora = self.student_lora if role == "student" else self.critic_lora if role == "critic" else None
         if guidance_dim:
             if role == "student" and self.student_lora:
                 raise ValueError("a LoRA student cannot get a guidance embedding (time_cond_proj_dim is a new layer)")
@@ -190,14 +194,31 @@ class DiffusersUNetTeacher(Teacher):
             d.net.requires_grad_(True)
             d.net.train()
             return d
-        d = self.denoiser.trainable_copy()
-        if role == "student" and self.student_lora:
+        if lora and self.share_base:
+            return self._adapter_network(role, *lora)
+        d = self.denoiser.trainable_copy()  # of the base without adapters, when it carries some
+        if lora:
             from peft import LoraConfig
 
-            rank, alpha = self.student_lora
+            rank, alpha = lora
             d.net.requires_grad_(False)
             d.net.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True,  # B = 0: starts at the teacher
                                          target_modules=LORA_TARGETS))
+        return d
+
+    def _adapter_network(self, role: str, rank: int, alpha: float) -> Denoiser:
+        """A new adapter ``role`` (``role_1``, ... for further networks of the role) on the teacher's own UNet."""
+        from ..lora import add_adapter, adapter_names
+        from .adapters import AdapterDenoiser
+
+        if not self.denoiser.shared_base:  # the first adapter: from now on the teacher's calls switch them all off
+            self.denoiser = AdapterDenoiser(self.denoiser, None)
+        base = self.denoiser.net
+        taken = adapter_names(base)
+        name = next(n for n in [role] + [f"{role}_{i}" for i in range(1, len(taken) + 2)] if n not in taken)
+        add_adapter(base, name, rank, alpha, LORA_TARGETS)
+        d = AdapterDenoiser(self.denoiser.inner, name)
+        d.train()
         return d
 
     def conditions_for_prompts(self, prompts: list[str]) -> Condition:
@@ -229,19 +250,39 @@ class DiffusersUNetTeacher(Teacher):
             out.append((z * vae.config.scaling_factor).float().cpu())
         return torch.cat(out)
 
+    def prepare_real_samples(self, data=None, bar: bool = False, log=None) -> None:
+        """Encode ``data.images`` with the VAE, once (read and encoded 16 images at a time, so only the latents are
+        kept), with a progress bar (``bar``) or a start and an end line (``log``).  A second call does nothing."""
+        if hasattr(self, "_real"):
+            return
+        import time
+
+        from tqdm.auto import tqdm
+
+        from ..data import load_images
+
+        files = data.image_files()
+        if log is not None:
+            log(f"fewstep: encoding {len(files)} images with the VAE ...")
+        t0 = time.time()
+        chunks = []
+        with tqdm(total=len(files), desc="encoding images", unit="img", disable=not bar, dynamic_ncols=True) as pb:
+            for i in range(0, len(files), 16):
+                chunks.append(self.encode_images(load_images(files[i:i + 16], self.image_size)))
+                pb.update(len(files[i:i + 16]))
+        self._real = torch.cat(chunks)
+        self._real_prompts = image_captions(data.images_path, files)
+        if log is not None:
+            log(f"fewstep: encoded {len(files)} images in {time.time() - t0:.1f} s")
+
     def real_samples(self, n, generator, data=None):
-        """Real latents (GAN term, consistency distillation): ``data.images`` encoded once with the VAE and cached.
+        """Real latents (GAN term, consistency distillation): ``data.images`` encoded once with the VAE and cached
+        (:meth:`prepare_real_samples`, which the trainer calls before the first step).
 
         Captions come from ``captions.jsonl`` / ``metadata.jsonl`` (``{"file_name": ..., "text": ...}``) or
         ``captions.txt`` (``FILE<TAB>caption`` a line) in the image folder, else from the file names.
         """
-        if not hasattr(self, "_real"):
-            from ..data import load_images
-
-            files = data.image_files()
-            imgs = load_images(files, self.image_size)
-            self._real = self.encode_images(imgs)
-            self._real_prompts = image_captions(data.images_path, files)
+        self.prepare_real_samples(data)
         idx = torch.randint(len(self._real), (n,), generator=generator)
         x = self._real[idx]
         if self.text_conditioned:
