@@ -3,8 +3,8 @@
 Overrides are OmegaConf dotlist items (``train.lr=5e-7``, ``data.prompts=null``) with YAML values (``1e-4`` a float;
 empty: ``""``; not YAML on its own: the string).  OmegaConf checks keys and types (:func:`structured`); fewstep adds
 that strings and booleans are not converted from other types, that integral numbers (``1e3``) are integers, range
-checks, and one-line :class:`ConfigError` s naming the dotted key, the value and what was expected (or the nearest
-key).  ``objective`` is a plain dict, checked by ``fewstep.api`` against its objective's ``Config`` the same way."""
+checks, and one-line :class:`ConfigError` s naming the key, the value and what was expected (or the nearest key).
+``objective`` is a plain dict, checked by ``fewstep.api`` against its objective's ``Config`` the same way."""
 
 from __future__ import annotations
 
@@ -44,9 +44,7 @@ class StudentConfig:
     steps: int = 1  # 1..4 sampling steps
     lora_rank: int = 0  # 0 = full fine-tune
     lora_alpha: Optional[float] = None
-    # LoRA networks (student, and a LoRA critic) as adapters on the teacher's own frozen network, in teacher.dtype,
-    # instead of float32 copies each; null (auto): on when the student is a LoRA and the objective supports it
-    share_base: Optional[bool] = None
+    share_base: Optional[bool] = None  # LoRA nets as adapters on the teacher's frozen network; null: auto (a LoRA)
 
 
 @dataclass
@@ -195,6 +193,7 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
 
 _GE0, _GE1, _UNIT, _PATH = ((lambda v: v >= 0, ">= 0"), (lambda v: v >= 1, ">= 1"), (lambda v: 0 <= v < 1, "in [0, 1)"),
                             (lambda v: v != "", "a path or null"))
+_RES = (lambda v: v is None or v >= 1, "a positive integer or null")
 _RULES: dict[str, tuple] = {  # dotted key -> (test, what it must be), or the allowed values
     "teacher.path": (bool, "non-empty (a hub id, a pipeline folder or gmm:NAME)"),
     "teacher.guidance_scale": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (1 = no guidance)"),
@@ -209,12 +208,10 @@ _RULES: dict[str, tuple] = {  # dotted key -> (test, what it must be), or the al
     "train.max_grad_norm": (lambda v: math.isfinite(v) and v >= 0, ">= 0 (0 disables clipping)"),
     **dict.fromkeys(("train.adam_beta1", "train.adam_beta2", "train.ema_decay"), _UNIT),
     "train.weight_decay": (lambda v: math.isfinite(v) and v >= 0, ">= 0"), "data.on_bad_image": ("error", "skip"),
-    "data.prompts": _PATH, "data.images": _PATH, "output_dir": (bool, "non-empty"),
-    "data.resolution": (lambda v: v is None or v >= 1, "a positive integer or null"),
+    "data.prompts": _PATH, "data.images": _PATH, "output_dir": (bool, "non-empty"), "data.resolution": _RES,
     "objective.name": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
 }
-_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32",
-                  "torch.float32": "float32", "torch.float16": "float16", "torch.bfloat16": "bfloat16"}
+_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
 
 
 def validate_config(cfg: Config) -> Config:
@@ -224,14 +221,14 @@ def validate_config(cfg: Config) -> Config:
         value = cfg.objective.get(leaf) if sec == "objective" else getattr(getattr(cfg, sec) if sec else cfg, leaf)
         test, expected = rule if callable(rule[0]) else (rule.__contains__, f"one of {', '.join(rule)}")
         if not test(value):
-            alias = _DTYPE_ALIASES.get(str(value).lower()) if key == "teacher.dtype" else None
+            v = str(value).lower().removeprefix("torch.")  # fp16, bf16, torch.float16 ... -> the name we take
+            alias = _DTYPE_ALIASES.get(v, v if v in rule else None) if key == "teacher.dtype" else None
             hint = f"; did you mean {alias!r}?" if alias else ""
             raise ConfigError(f"{key} must be {expected}, got {value!r:.80}{hint}")
     return cfg
 
 
-def config_to_dict(cfg: Any) -> dict:
-    return asdict(cfg)  # the resolved config (or any dataclass) as a plain, YAML-safe dict, sections in order
+config_to_dict = asdict  # the resolved config (or any dataclass) as a plain, YAML-safe dict, sections in order
 
 
 def dump_config(cfg: Config, path: str) -> str:
