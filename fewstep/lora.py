@@ -153,12 +153,17 @@ def lora_adapter(student) -> Optional[str]:
 
 
 # ---- plain (merged) networks --------------------------------------------------------------------
-def plain_state(net: nn.Module, adapter: Optional[str] = None) -> Iterator[tuple[str, Tensor]]:
+def plain_state(net: nn.Module, adapter: Optional[str] = None, dtype: Optional[str] = None
+                ) -> Iterator[tuple[str, Tensor]]:
     """``net``'s state as the network without peft layers (``X.base_layer.weight`` -> ``X.weight``), with adapter
-    ``adapter`` merged in (``W + delta``, in the base's dtype, as peft's ``merge``); ``None``: the base alone.
+    ``adapter`` merged in (``W + delta``); ``None``: the base alone.  ``dtype`` (``"float32"`` ...): every tensor in
+    it, merged ones summed in float32 first (a bfloat16 base keeps the adapter's float32 update); ``None``: the
+    base's dtype, as peft's ``merge`` (``W + delta`` rounded to it).
 
-    Yields the base's own tensors where nothing is merged (no copy) and a new tensor per merged weight."""
+    Yields the base's own tensors where nothing is converted (no copy), a new tensor otherwise."""
     import torch
+
+    dt = getattr(torch, dtype) if dtype else None
 
     layers = tuner_layers(net)
     for key, value in net.state_dict().items():
@@ -169,9 +174,10 @@ def plain_state(net: nn.Module, adapter: Optional[str] = None) -> Iterator[tuple
             layer = layers[path]
             if adapter is not None and leaf == "weight" and adapter in getattr(layer, "lora_A", {}):
                 with torch.no_grad():
-                    value = value + layer.get_delta_weight(adapter).to(value.dtype)
+                    delta = layer.get_delta_weight(adapter)  # in the adapter's dtype (float32 masters)
+                    value = (value.float() + delta.float()).to(dt) if dt else value + delta.to(value.dtype)
             key = f"{path}.{leaf}"
-        yield key, value
+        yield key, (value.to(dt) if dt is not None and value.is_floating_point() else value)
 
 
 def plain_clone(net: nn.Module, adapter: Optional[str] = None, dtype: Optional[torch.dtype] = None) -> nn.Module:
@@ -187,9 +193,11 @@ def plain_clone(net: nn.Module, adapter: Optional[str] = None, dtype: Optional[t
     return new.eval()
 
 
-def save_merged(net: nn.Module, adapter: Optional[str], folder, shard_bytes: int = SHARD_BYTES) -> Path:
+def save_merged(net: nn.Module, adapter: Optional[str], folder, dtype: Optional[str] = "float32",
+                shard_bytes: int = SHARD_BYTES) -> Path:
     """Write ``net`` with ``adapter`` merged as a diffusers model folder (``config.json`` + safetensors shards and
-    their index, as ``save_pretrained`` writes them), one shard in memory at a time."""
+    their index, as ``save_pretrained`` writes them), one shard in memory at a time.  ``dtype``: of the weights
+    written (default float32, as a float32 student copy is exported; ``None``: the base's)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -204,7 +212,8 @@ def save_merged(net: nn.Module, adapter: Optional[str], folder, shard_bytes: int
         files.append((name, list(shards[-1])))
         shards[-1] = {}
 
-    for key, value in plain_state(net, adapter):
+    for key, value in plain_state(net, adapter, dtype):
+        value = value.detach().cpu()  # a GPU network: one shard at a time in host memory, none on the device
         nbytes = value.numel() * value.element_size()
         if shards[-1] and size + nbytes > shard_bytes:
             flush()

@@ -189,6 +189,8 @@ def main(argv=None) -> int:
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--steps", type=int, default=2, help="optimisation steps per variant")
     ap.add_argument("--variants", default="all", help="comma-separated names or indices (0-based) of VARIANTS")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="an extra config override for every variant (repeatable), e.g. student.lora_rank=16")
     ap.add_argument("--dry-run", action="store_true", help="print the estimates only")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
@@ -216,7 +218,7 @@ def main(argv=None) -> int:
     cpu = shutil.which("nvidia-smi") is None
     rows = []
     for name in names:
-        ov = VARIANTS[name]
+        ov = VARIANTS[name] + args.set
         est = estimate_variant(args.teacher, _overrides(args.teacher, prompts, Path(tmp.name) / "run", args.resolution,
                                                         args.steps, ov), cpu, source)
         row = {"variant": name, "overrides": ov, "estimate_gb": est["total"] / GB if est else None,
