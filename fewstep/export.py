@@ -280,7 +280,10 @@ def _write_pipeline(teacher, student, objective, out: Path, run_config: dict | N
         # peft's key format, which load_lora_weights reads as it is (diffusers' older format, convert_state_dict_to_
         # diffusers, renames attention keys only: a file with conv/ff targets too then loads without its attention)
         lora_sd = get_peft_model_state_dict(unet, adapter_name=adapter)
-        type(pipe).save_lora_weights(str(out / "lora"), unet_lora_layers=lora_sd, safe_serialization=True)
+        # with the adapter's LoraConfig (rank, alpha, targets) as metadata: without it load_lora_weights takes
+        # alpha = rank, which scales a LoRA trained with another alpha (the DMD2 recipe: 64, 8) by rank / alpha
+        type(pipe).save_lora_weights(str(out / "lora"), unet_lora_layers=lora_sd, safe_serialization=True,
+                                     unet_lora_adapter_metadata=unet.peft_config[adapter].to_dict())
         # merged tensor by tensor as the pipeline is saved (the network may be the teacher's own, other adapters on it)
         unet = merged_placeholder(unet, adapter)
     components = dict(pipe.components)

@@ -49,29 +49,22 @@ def use_adapter(net: nn.Module, name: Optional[str]):
     """Run ``net`` with adapter ``name`` alone active (``None``: every adapter off, the base network), then restore.
 
     Sets peft's per-layer flags directly: unlike ``set_adapter`` it leaves ``requires_grad`` as it is."""
-    layers = list(tuner_layers(net).values())
+    layers = tuner_layers(net).values()
     if not layers:
         yield
         return
-    saved = [(m._active_adapter, m._disable_adapters) for m in layers]
-    for m in layers:
-        if name is None:
-            m._disable_adapters = True
-        else:
-            m._active_adapter, m._disable_adapters = name, False
-    try:
+    with _adapter_state(net, [(m._active_adapter, True) if name is None else (name, False) for m in layers]):
         yield
-    finally:
-        for m, (active, off) in zip(layers, saved):
-            m._active_adapter, m._disable_adapters = active, off
 
 
 def _state(net: nn.Module) -> list:
+    """Every peft layer's (active adapter, adapters off) flags."""
     return [(m._active_adapter, m._disable_adapters) for m in tuner_layers(net).values()]
 
 
 @contextmanager
 def _adapter_state(net: nn.Module, state: list):
+    """Set :func:`_state` flags for the duration, then restore the previous ones."""
     layers = list(tuner_layers(net).values())
     saved = _state(net)
     for m, (active, off) in zip(layers, state):

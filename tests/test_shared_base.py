@@ -203,7 +203,7 @@ def test_deepcopy_of_an_adapter_is_a_new_adapter_on_the_same_base(tiny_pipelines
 def test_shared_base_dmd2_lora_trains_resumes_and_exports(tiny_pipelines, prompts_file, tmp_path):
     """4-step DMD2 (phased exits, one LoRA student + LoRA critic on the teacher's UNet, EMA): 4 steps straight == 2 +
     resume + 2, checkpoints hold adapters only, and the export is the merged student plus a LoRA file that
-    load_lora_weights puts on the teacher with the same output."""
+    load_lora_weights puts on the teacher with the same output (alpha != rank: the file carries its scale)."""
     from diffusers import DiffusionPipeline
     from safetensors.torch import load_file
 
@@ -213,7 +213,7 @@ def test_shared_base_dmd2_lora_trains_resumes_and_exports(tiny_pipelines, prompt
     def run(out, steps):
         cfg = load_config("configs/sdxl_dmd2_lora.yaml", [
             f"teacher.path={tiny_pipelines['sdxl']}", "teacher.dtype=float32", f"data.prompts={prompts_file}",
-            "student.lora_rank=4", "student.lora_alpha=4", "objective.critic_steps=1", "objective.phase_steps=1",
+            "student.lora_rank=4", "student.lora_alpha=8", "objective.critic_steps=1", "objective.phase_steps=1",
             f"train.max_steps={steps}", "train.batch_size=1", "train.lr=1e-2", "train.mixed_precision=no",
             "train.checkpoint_every=2", "train.ema_decay=0.5", "train.tracker=none", "train.progress=none",
             f"output_dir={out}"])
