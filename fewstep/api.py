@@ -46,8 +46,14 @@ def build(cfg):
     from .trainer import progress_mode
 
     progress_mode(cfg.train.progress)  # likewise
+    if cfg.train.optimizer == "adamw8bit":
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError("train.optimizer=adamw8bit needs bitsandbytes: pip install 'fewstep[memory]' "
+                              "(or pip install bitsandbytes)")
     teacher = load_teacher(cfg.teacher)
-    if cfg.data.resolution:  # flow transformers (Flux has no fixed size); fixed-size teachers ignore it
+    if cfg.data.resolution:  # diffusers teachers (UNet latents and SDXL time ids, SD3/Flux); the analytic GMM ignores it
         try:
             teacher.set_resolution(cfg.data.resolution)
         except ValueError as e:
@@ -56,7 +62,9 @@ def build(cfg):
     if obj_cls.data_free and images:  # never hand a data-free objective an image source
         print(f"fewstep: warning: objective {name!r} is data-free: data.images={images} is unused", file=sys.stderr)
         images = None
-    data = DataSource(cfg.data.prompts, images, on_bad_image=cfg.data.on_bad_image, min_images=cfg.train.batch_size)
+    data = DataSource(cfg.data.prompts, images, on_bad_image=cfg.data.on_bad_image, min_images=cfg.train.batch_size,
+                      cache=cfg.data.cache, cache_dir=cfg.data.cache_dir or str(Path(cfg.output_dir) / "cache"),
+                      cache_memory_mb=cfg.data.cache_memory_mb, free_text_encoders=cfg.data.free_text_encoders)
     if teacher.text_conditioned and not cfg.data.prompts and not obj_cls.data_free:
         raise ConfigError(f"teacher {cfg.teacher.path} is text-conditioned: set data.prompts to a text file, one prompt a line")
     if cfg.data.prompts and not Path(cfg.data.prompts).is_file():
@@ -80,6 +88,12 @@ def build(cfg):
         objective.set_max_steps(cfg.train.max_steps)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if cfg.train.gradient_checkpointing:
+        from .lora import checkpoint_networks
+
+        if not checkpoint_networks(teacher.denoiser, *objective.networks().values()):
+            print(f"fewstep: warning: train.gradient_checkpointing=true: no network of {cfg.teacher.path} supports "
+                  "it (diffusers UNets and transformers do); ignored", file=sys.stderr)
     return teacher, data, objective
 
 
@@ -140,7 +154,7 @@ def make_sampler_hook(teacher, objective, run_dir: Path, n: Optional[int] = None
         dev = trainer.device
         if "cond" not in cond_cache:
             cond_cache["cond"] = teacher.sample_conditions(len(fixed_noise), torch.Generator().manual_seed(seed), trainer.data)
-        student = trainer.plain["student"]
+        student = trainer.sample_student()  # under FSDP: the gathered, unsharded copy
         was = student.training
         student.eval()
         with torch.no_grad():
@@ -178,9 +192,10 @@ def distill(cfg, log=print) -> dict:
     gc.collect()
     metrics: dict = {"objective": objective.name, "student_steps": objective.steps,
                      "num_processes": trainer.acc.num_processes, **fit}
+    # under FSDP a collective (every process gathers its shards; the main process gets the whole student)
+    student = trainer.final_student() if trainer.fsdp or trainer.acc.is_main_process else None
     if trainer.acc.is_main_process:
         hook(trainer, trainer.step)
-        student = trainer.final_student()
         student.eval()
         folder = run_dir / teacher.student_folder  # pipeline/ (diffusers) or student/ (the analytic teacher's)
         metrics.update(teacher.save_student(student, objective, folder, config_to_dict(cfg)))

@@ -8,6 +8,7 @@ with the matching *null* (unconditional) branch that the teacher's own pipeline 
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, fields
 from typing import Optional, Sequence
 
@@ -88,23 +89,44 @@ class Condition:
         return Condition(**kw)
 
 
+# fields of an encoded prompt that do not depend on the prompt: the pipeline's unconditional branch (its negative
+# default, the empty prompt or zeros) and SDXL's micro-conditioning ids (from the resolution): cached once, not per row
+PROMPT_INDEPENDENT = ("null_prompt_embeds", "null_pooled_embeds", "time_ids")
+
+
 class PromptCache:
     """Encode each distinct prompt once (with the teacher pipeline's own encoder) and keep the result.
 
     ``encode_fn(list[str]) -> Condition`` is supplied by the teacher adapter and must return the null
     branch too.  ``get(prompts)`` returns a batched :class:`Condition` on CPU.
+
+    Two ways to fill it: lazily, a batch's new prompts at a time (``get`` / ``warm``), or all at once before training
+    (:meth:`prepare`: every prompt of a run, in chunks, into a row store of :mod:`fewstep.cache`, in memory or in
+    safetensors shards on disk, the prompt-independent fields once).  Once the teacher has freed its text encoders
+    (``encoder_available = False``), a prompt that :meth:`prepare` did not encode is an error.
     """
 
     def __init__(self, encode_fn, batch_size: int = 32):
         self._encode = encode_fn
         self._batch = batch_size
         self._cache: dict[str, Condition] = {}
+        self._rows: Optional[dict[str, int]] = None  # after prepare(): prompt -> row of self.store
+        self.store = None  # fewstep.cache MemoryRows / DiskRows (prepare)
+        self.encoder_available = True
 
     def __len__(self) -> int:
-        return len(self._cache)
+        return len(self._cache) + (len(self._rows) if self._rows is not None else 0)
+
+    @property
+    def prepared(self) -> bool:
+        return self._rows is not None
 
     def warm(self, prompts: Sequence[str]) -> None:
         todo = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        if todo and not self.encoder_available:
+            raise ValueError(f"prompt {todo[0]!r} was not encoded before the text encoders were freed "
+                             "(data.free_text_encoders=true frees them once the run's prompts are cached); "
+                             "set data.free_text_encoders=false to encode other prompts during the run")
         for i in range(0, len(todo), self._batch):
             chunk = todo[i:i + self._batch]
             with torch.no_grad():
@@ -112,6 +134,66 @@ class PromptCache:
             for j, p in enumerate(chunk):
                 self._cache[p] = enc[j:j + 1]
 
+    def prepare(self, prompts: Sequence[str], mode: str = "memory", folder=None, fingerprint: str = "",
+                max_memory_bytes: float = float("inf"), bar: bool = False, log=None) -> str:
+        """Encode every distinct prompt of ``prompts`` once, ``batch_size`` at a time, into a row store
+        (``mode``: memory, disk or auto, :func:`fewstep.cache.resolve_mode`); a complete disk cache in ``folder``
+        with this ``fingerprint`` is reused instead.  Returns where the rows are: ``memory``, ``disk`` or ``reused``."""
+        from tqdm.auto import tqdm
+
+        from . import cache
+
+        distinct = list(dict.fromkeys(prompts))
+        store = cache.open_rows(folder, fingerprint) if folder is not None and mode != "memory" else None
+        if store is not None and len(store) == len(distinct):
+            self.store, self._rows = store, {p: i for i, p in enumerate(distinct)}
+            if log is not None:
+                log(f"fewstep: reusing the {len(distinct)} prompt embeddings cached in {folder}")
+            return "reused"
+        if log is not None:
+            log(f"fewstep: encoding {len(distinct)} prompts with the text encoders ...")
+        t0 = time.time()
+        extra: dict[str, Tensor] = {}
+
+        def chunks():
+            with tqdm(total=len(distinct), desc="encoding prompts", unit="prompt", disable=not bar,
+                      dynamic_ncols=True) as pb:
+                for i in range(0, len(distinct), self._batch):
+                    part = distinct[i:i + self._batch]
+                    with torch.no_grad():
+                        enc = self._encode(part).to("cpu")
+                    row = {}
+                    for f in fields(enc):
+                        v = getattr(enc, f.name)
+                        if v is None:
+                            continue
+                        if f.name in PROMPT_INDEPENDENT:
+                            extra.setdefault(f.name, v[:1].clone())
+                        else:
+                            row[f.name] = v
+                    pb.update(len(part))
+                    yield row
+
+        self.store = cache.build_rows(len(distinct), chunks(), mode, folder, fingerprint, max_memory_bytes,
+                                      what="prompt cache", meta={"what": "prompt embeddings"}, extra=extra)
+        self._rows = {p: i for i, p in enumerate(distinct)}
+        if log is not None:
+            log(f"fewstep: encoded {len(distinct)} prompts in {time.time() - t0:.1f} s "
+                f"({'in memory' if self.store.kind == 'memory' else f'cached in {folder}'})")
+        return self.store.kind
+
+    def _from_store(self, prompts: Sequence[str]) -> Condition:
+        rows = self.store.rows([self._rows[p] for p in prompts])
+        n = len(prompts)
+        rows.update({k: v.expand(n, *v.shape[1:]).clone() for k, v in self.store.extra.items()})
+        return Condition(**rows)
+
     def get(self, prompts: Sequence[str]) -> Condition:
+        if self._rows is not None:
+            hit = [p in self._rows for p in prompts]
+            if all(hit):
+                return self._from_store(prompts)
+            self.warm([p for p, h in zip(prompts, hit) if not h])
+            return Condition.cat([self._from_store([p]) if h else self._cache[p] for p, h in zip(prompts, hit)])
         self.warm(prompts)
         return Condition.cat([self._cache[p] for p in prompts])

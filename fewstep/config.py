@@ -59,6 +59,9 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     weight_decay: float = 0.0
+    lr_warmup_steps: int = 0  # linear warm-up from 0 to lr over this many optimizer steps of each group
+    optimizer: str = "adamw"  # adamw (torch, fused where it can), adamw8bit (bitsandbytes: 8-bit states, CPU and GPU)
+    gradient_checkpointing: bool = False  # recompute diffusers UNet/transformer activations in backward (less memory)
     ema_decay: float = 0.0  # 0 disables EMA of the student
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -76,6 +79,12 @@ class DataConfig:
     images: Optional[str] = None  # folder of images (GAN / consistency terms)
     resolution: Optional[int] = None  # None: from the teacher's own config
     on_bad_image: str = "error"  # error: stop at an unreadable image; skip: leave it out (each one logged)
+    # encoded prompts and image latents, made once before the first step: memory, disk (safetensors shards in
+    # cache_dir, reused by a resumed run), auto (disk when a cache would be larger than cache_memory_mb)
+    cache: str = "auto"
+    cache_dir: Optional[str] = None  # null: OUTPUT_DIR/cache
+    cache_memory_mb: float = 1024.0  # data.cache=auto: the largest cache kept in memory
+    free_text_encoders: bool = True  # drop the text encoders once every prompt is cached (exports still carry them)
 
 
 @dataclass
@@ -205,9 +214,12 @@ _RULES: dict[str, tuple] = {  # dotted key -> (test, what it must be), or the al
     "train.sample_every": _GE0, "train.lr": (lambda v: math.isfinite(v) and v > 0, "a positive number"),
     "train.seed": (lambda v: 0 <= v < 2**32, "between 0 and 2**32 - 1"),
     "train.mixed_precision": ("no", "fp16", "bf16"), "train.tracker": ("tensorboard", "none"),
+    "train.optimizer": ("adamw", "adamw8bit"),
     "train.max_grad_norm": (lambda v: math.isfinite(v) and v >= 0, ">= 0 (0 disables clipping)"),
     **dict.fromkeys(("train.adam_beta1", "train.adam_beta2", "train.ema_decay"), _UNIT),
-    "train.weight_decay": (lambda v: math.isfinite(v) and v >= 0, ">= 0"), "data.on_bad_image": ("error", "skip"),
+    "train.weight_decay": (lambda v: math.isfinite(v) and v >= 0, ">= 0"), "train.lr_warmup_steps": _GE0,
+    "data.on_bad_image": ("error", "skip"), "data.cache": ("auto", "memory", "disk"), "data.cache_dir": _PATH,
+    "data.cache_memory_mb": (lambda v: math.isfinite(v) and v >= 0, "a number of megabytes >= 0"),
     "data.prompts": _PATH, "data.images": _PATH, "output_dir": (bool, "non-empty"), "data.resolution": _RES,
     "objective.name": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
 }

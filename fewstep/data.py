@@ -182,11 +182,19 @@ class DataSource:
     """What a run reads: prompts and/or real samples.  Built from ``DataConfig``; lazily loaded."""
 
     def __init__(self, prompts: Optional[str] = None, images: Optional[str] = None, on_bad_image: str = "error",
-                 min_images: int = 1):
+                 min_images: int = 1, cache: str = "auto", cache_dir: Optional[str] = None,
+                 cache_memory_mb: float = 1024.0, free_text_encoders: bool = False):
         self.prompts_path = prompts
         self.images_path = images
         self.on_bad_image = on_bad_image  # "error": an unreadable image stops the run; "skip": it is left out
         self.min_images = min_images  # with "skip": fewer readable images than this (one batch) is an error
+        # encoded prompts and image latents (fewstep.cache): memory, disk (shards in cache_dir), auto (disk when
+        # larger than cache_memory_mb and cache_dir is set); the text encoders are dropped once the prompts are cached
+        # when free_text_encoders (a run's config turns it on: data.free_text_encoders)
+        self.cache = cache
+        self.cache_dir = cache_dir
+        self.cache_memory_mb = cache_memory_mb
+        self.free_text_encoders = free_text_encoders
         self._prompts: Optional[list[str]] = None
         self._images: Optional[list[Path]] = None
         self.opened: list[str] = []  # what was actually read (data-free objectives assert this stays empty)

@@ -294,6 +294,7 @@ def _write_pipeline(teacher, student, objective, out: Path, run_config: dict | N
     new = cls(**components)
     out.mkdir(parents=True, exist_ok=True)
     new.save_pretrained(str(out), safe_serialization=True)
+    teacher.save_freed_components(out)  # text encoders freed after prompt caching (data.free_text_encoders)
     (out / "fewstep.json").write_text(json.dumps({
         "objective": objective.name, "student_steps": objective.steps,
         "num_inference_steps": spec["num_inference_steps"], "guidance_scale": spec["guidance_scale"],
@@ -333,12 +334,14 @@ def model_card(teacher, objective, spec: dict, run_config: dict | None) -> str:
         f"# {objective.name.upper()} {k}-step student of `{teacher.source}`", "",
         f"Distilled with [fewstep](https://pypi.org/project/fewstep/) objective `{objective.name}` into a "
         f"{k}-step student. Pipeline class: `{cls_name}`; scheduler: `{spec['scheduler']}` "
-        f"configured with `{spec.get('scheduler_config', {})}`.", "",
+        f"configured with `{_shown(spec.get('scheduler_config', {}))}`.", "",
         "## Use", "", "```python", *load,
         f"image = {call}.images[0]", "```", "",
         f"Recommended: `num_inference_steps={k}`, `guidance_scale={g}`. " + spec.get(
             "guidance_note", _default_guidance_note(teacher)), "",
     ]
+    if spec.get("card_note"):  # e.g. a 1-step student conditioned at another timestep than the top one
+        lines += [spec["card_note"], ""]
     if spec.get("scheduler_config", {}).get("stochastic_sampling"):
         lines += ["The scheduler re-noises between steps (as the student was trained) with torch's global generator "
                   "(diffusers' flow pipelines do not pass `generator` to it): call `torch.manual_seed(...)` before "
@@ -346,6 +349,11 @@ def model_card(teacher, objective, spec: dict, run_config: dict | None) -> str:
     if run_config:
         lines += ["## Training config", "", "```yaml", yaml.safe_dump(run_config, sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def _shown(config: dict) -> dict:
+    """A scheduler config for the model card, long lists (``trained_betas``) shortened to their length."""
+    return {k: f"<{len(v)} values>" if isinstance(v, (list, tuple)) and len(v) > 8 else v for k, v in config.items()}
 
 
 def _default_guidance_note(teacher) -> str:

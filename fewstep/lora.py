@@ -92,6 +92,25 @@ def enable_gradient_checkpointing(net: nn.Module) -> None:
     net.enable_gradient_checkpointing(gradient_checkpointing_func=checkpointed)
 
 
+def checkpoint_networks(*roots) -> int:
+    """Gradient checkpointing (:func:`enable_gradient_checkpointing`) on every diffusers model that supports it and
+    is reachable from ``roots`` (modules, or denoisers whose ``net`` is one: a shared base is reached through the
+    teacher's); each model once.  Returns how many were switched on."""
+    from torch import nn
+
+    seen: dict[int, nn.Module] = {}
+    for root in roots:
+        for top in (root, getattr(root, "net", None)):
+            if isinstance(top, nn.Module):
+                for m in top.modules():
+                    if getattr(m, "_supports_gradient_checkpointing", False) and \
+                            hasattr(m, "enable_gradient_checkpointing"):  # a diffusers model (not one of its blocks)
+                        seen.setdefault(id(m), m)
+    for m in seen.values():
+        enable_gradient_checkpointing(m)
+    return len(seen)
+
+
 def add_adapter(net: nn.Module, name: str, rank: int, alpha: float, targets: list[str]) -> None:
     """Add LoRA adapter ``name`` (``B = 0``: it starts as the base) with float32 weights that require grad.
 

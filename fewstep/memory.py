@@ -27,6 +27,7 @@ from typing import Optional
 
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4}
 ACT_FACTOR = 6.0  # saved values per layer output (input, norm, activation, ...): calibrated on one CPU run (README)
+ACT_FACTOR_CHECKPOINTED = 1.0  # train.gradient_checkpointing: block inputs kept, one block's values at a time (rough)
 CPU_OVERHEAD = 1.1e9  # python + torch + diffusers + transformers + fewstep resident on a CPU before any model (measured)
 GB = 1e9
 
@@ -91,26 +92,38 @@ def activation_units(shapes: dict[str, tuple], latent_hw: tuple) -> float:
     return total
 
 
-def network_bytes(kind: str, p: int, lora: int, mixed: bool) -> dict[str, float]:
+ADAM_BYTES = {"adamw": 8, "adamw8bit": 2}  # moment bytes a trained weight (8-bit: two uint8 moments; absmax ~0.1%)
+
+
+def network_bytes(kind: str, p: int, lora: int, mixed: bool, adam: int = 8) -> dict[str, float]:
     """Bytes of one trained network: ``full`` / ``lora`` (on a float32 copy of its own) / ``shared`` (an adapter)."""
     if kind == "full":
-        return {"weights": 4 * p, "grads": 4 * p, "adam": 8 * p, "autocast": 2 * p if mixed else 0}
+        return {"weights": 4 * p, "grads": 4 * p, "adam": adam * p, "autocast": 2 * p if mixed else 0}
     own = 4 * p if kind == "lora" else 0
-    return {"weights": own + 4 * lora, "grads": 4 * lora, "adam": 8 * lora, "autocast": 0}
+    return {"weights": own + 4 * lora, "grads": 4 * lora, "adam": adam * lora, "autocast": 0}
 
 
 def estimate(unet: dict[str, tuple], others: dict[str, int], *, dtype: str, cpu: bool, student: str, critic: str,
              lora_rank: int, critic_rank: int, targets, batch: int, latent_hw: tuple, mixed: bool, ema: bool = False,
-             critics: int = 1, gan: bool = False) -> dict:
+             critics: int = 1, gan: bool = False, optimizer: str = "adamw", checkpointing: bool = False,
+             free_text_encoders: bool = False) -> dict:
     """Peak bytes by part.  ``unet``: the denoiser's tensor shapes; ``others``: weight counts of the other pipeline
-    modules; ``student`` / ``critic``: ``full``, ``lora`` (own copy) or ``shared`` (adapter on the teacher)."""
+    modules; ``student`` / ``critic``: ``full``, ``lora`` (own copy) or ``shared`` (adapter on the teacher).
+
+    ``free_text_encoders``: the encoders are in memory only while prompts are encoded, before any training state
+    exists; the total is then the larger of that phase and the training phase (the part is listed, not summed)."""
     if cpu and dtype == "float16":
         dtype = "float32"
     b = BYTES[dtype]
     p = numel(unet)
-    parts = {"teacher denoiser": b * p, "text encoders + VAE": b * sum(others.values())}
-    s = network_bytes(student, p, lora_numel(unet, targets, lora_rank), mixed)
-    c = network_bytes(critic, p, lora_numel(unet, targets, critic_rank), mixed)
+    encoders = b * sum(v for k, v in others.items() if k != "vae")
+    # the VAE in float32 (force_upcast: fewstep.teachers.unet.upcast_vae), the text encoders in the teacher's dtype
+    parts = {"teacher denoiser": b * p, "VAE": 4 * others.get("vae", 0)}
+    if not free_text_encoders:
+        parts["text encoders"] = encoders
+    adam = ADAM_BYTES[optimizer]
+    s = network_bytes(student, p, lora_numel(unet, targets, lora_rank), mixed, adam)
+    c = network_bytes(critic, p, lora_numel(unet, targets, critic_rank), mixed, adam)
     for k in ("weights", "adam"):
         parts[f"student {k}"] = s[k]
         parts[f"critic {k}"] = critics * c[k]
@@ -120,11 +133,17 @@ def estimate(unet: dict[str, tuple], others: dict[str, int], *, dtype: str, cpu:
         parts["student EMA"] = s["weights"] if student == "full" else 4 * lora_numel(unet, targets, lora_rank)
     act_bytes = 2 if (mixed or b == 2) else 4
     graphs = 2 if gan else 1  # calls that keep a graph at once: the student's (and the critic's, for the GAN term)
-    parts["activations (rough)"] = ACT_FACTOR * act_bytes * batch * graphs * activation_units(unet, latent_hw)
+    factor = ACT_FACTOR_CHECKPOINTED if checkpointing else ACT_FACTOR
+    parts["activations (rough)"] = factor * act_bytes * batch * graphs * activation_units(unet, latent_hw)
     if cpu:
         parts["process (torch, libraries)"] = CPU_OVERHEAD
     parts = {k: float(v) for k, v in parts.items() if v}
-    return {"parts": parts, "total": sum(parts.values()), "dtype": dtype, "params": p,
+    total = sum(parts.values())
+    if free_text_encoders and encoders:  # the encoding phase: base, VAE, encoders, process; nothing trained yet
+        before = parts["teacher denoiser"] + parts.get("VAE", 0) + encoders + parts.get("process (torch, libraries)", 0)
+        total = max(total, before)
+        parts["text encoders (freed before training; not summed)"] = float(encoders)
+    return {"parts": parts, "total": total, "dtype": dtype, "params": p,
             "student_lora_params": lora_numel(unet, targets, lora_rank) if student != "full" else 0,
             "critic_lora_params": lora_numel(unet, targets, critic_rank) if critic != "full" else 0}
 
@@ -182,8 +201,8 @@ def estimate_config(cfg, cpu: Optional[bool] = None, source: Optional[tuple] = N
     unet, others, ucfg, scale = source
     size = ucfg.get("sample_size", 64)
     size = size if isinstance(size, int) else size[0]
-    if cfg.data.resolution:  # where the teacher follows data.resolution; a fixed-size UNet keeps sample_size
-        size = cfg.data.resolution // scale if cfg.data.resolution % scale == 0 else size
+    if cfg.data.resolution:  # UNet teachers train at data.resolution (DiffusersUNetTeacher.set_resolution)
+        size = cfg.data.resolution // scale
     obj = dict(cfg.objective)
     lora, share = cfg.student.lora_rank, cfg.student.share_base
     crank = obj.get("critic_lora_rank")
@@ -200,4 +219,6 @@ def estimate_config(cfg, cpu: Optional[bool] = None, source: Optional[tuple] = N
                     student=student, critic=critic, lora_rank=lora, critic_rank=crank or 0, targets=LORA_TARGETS,
                     batch=cfg.train.batch_size, latent_hw=(size, size), mixed=cfg.train.mixed_precision != "no",
                     ema=cfg.train.ema_decay > 0, critics=cfg.student.steps if per_exit else 1,
-                    gan=float(obj.get("gan_weight", 0) or 0) > 0)
+                    gan=float(obj.get("gan_weight", 0) or 0) > 0, optimizer=cfg.train.optimizer,
+                    checkpointing=cfg.train.gradient_checkpointing,
+                    free_text_encoders=bool(getattr(cfg.data, "free_text_encoders", False)))

@@ -124,10 +124,33 @@ def make_adamw(params, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.01
     return AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps, **_flags(impl)), impl
 
 
+OPTIMIZERS = ("adamw", "adamw8bit")
+
+
+def make_optimizer(name: str, params, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.01,
+                   eps: float = 1e-8) -> tuple[torch.optim.Optimizer, str]:
+    """``(optimizer, impl)`` for ``train.optimizer``: ``adamw`` (:func:`make_adamw`) or ``adamw8bit``
+    (bitsandbytes' ``AdamW8bit``: both moments as blockwise-quantised 8-bit tensors, 2 bytes a weight instead of 8;
+    bitsandbytes >= 0.48 has CPU kernels as well as CUDA ones).  Tensors under 4096 elements keep float32 moments
+    (bitsandbytes' own rule)."""
+    if name == "adamw":
+        return make_adamw(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
+    if name != "adamw8bit":
+        raise ValueError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ImportError("train.optimizer=adamw8bit needs bitsandbytes: pip install 'fewstep[memory]' "
+                          "(or pip install bitsandbytes)") from None
+    return bnb.optim.AdamW8bit(list(params), lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay), "8-bit"
+
+
 def apply_impl(optimizer, impl: str) -> None:
     """Set ``impl``'s flags on every parameter group again (after ``load_state_dict``, which restores the saved
     groups' own), and keep each ``step`` count where that implementation wants it (fused: a float32 tensor on the
     parameter's device; otherwise on the CPU)."""
+    if impl not in IMPLS:  # another optimizer (adamw8bit): its state is its own
+        return
     opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
     flags = _flags(impl)
     for group in opt.param_groups:
@@ -197,7 +220,9 @@ class EMA:
     def state_dict(self) -> dict:
         return {"decay": self.decay, "min_decay": self.min_decay, "optimization_step": self.optimization_step,
                 "update_after_step": self.update_after_step, "use_ema_warmup": self.use_ema_warmup,
-                "inv_gamma": self.inv_gamma, "power": self.power, "shadow_params": self.shadow_params}
+                "inv_gamma": self.inv_gamma, "power": self.power,
+                # FSDP: shards gathered to whole tensors (a collective; accelerate asks every process for this dict)
+                "shadow_params": [s.full_tensor() if hasattr(s, "full_tensor") else s for s in self.shadow_params]}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """A state from :meth:`state_dict` (or diffusers' ``EMAModel``); the shadow parameters are copied into the
@@ -216,6 +241,27 @@ class EMA:
                                                                zip(shadow, self.shadow_params)):
                 with torch.no_grad():
                     for dst, src in zip(self.shadow_params, shadow):
+                        if hasattr(dst, "device_mesh") and not hasattr(src, "device_mesh"):  # FSDP: this shard of it
+                            from .sharding import shard_like
+
+                            src = shard_like(src, dst)
                         dst.copy_(src)
             else:
                 self.shadow_params = [s.clone() for s in shadow]
+
+
+def _linear_warmup(step: int, steps: int) -> float:
+    """lr factor of a group's optimizer step ``step`` (0-based): ``step / steps`` up to 1, diffusers'
+    ``constant_with_warmup`` rule (the one DMD2's reference uses: the first update has lr 0, update ``steps`` the
+    full lr)."""
+    return min(1.0, step / steps)
+
+
+def warmup_scheduler(optimizer, steps: int):
+    """``train.lr_warmup_steps``: torch's ``LambdaLR`` on ``optimizer`` (the torch optimizer itself, not accelerate's
+    wrapper), stepped once after each of its optimizer's steps.  Its state (``last_epoch``, the base lrs) is checkpointed
+    with the run, so a resumed run continues the ramp exactly; the factor is a ``functools.partial`` of a module
+    function, rebuilt from the config on resume rather than pickled."""
+    from functools import partial
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(_linear_warmup, steps=int(steps)))

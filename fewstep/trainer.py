@@ -45,11 +45,12 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import sharding
 from .conditions import Condition
 from .errors import CheckpointError, Preempted, TrainingDiverged  # noqa: F401  (re-exported)
 from .export import TMP_PREFIX, WriteError, clean_stale, fsync_tree, replace_dir, write_failure
 from .objectives.base import Batch
-from .optim import EMA, apply_impl, make_adamw
+from .optim import EMA, apply_impl, make_optimizer, warmup_scheduler
 
 CKPT_PREFIX = "checkpoint-"
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")  # train.save_on_signal: finish the step, checkpoint, exit 128 + N
@@ -82,7 +83,7 @@ def _total_norm(grads: list):
             return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
         get = getattr(torch.nn.utils, "get_total_norm", None)
         if get is not None:
-            return get(grads, 2.0, foreach=None)
+            return sharding.full(get(grads, 2.0, foreach=None))  # FSDP: the norm of the whole gradient
         return torch.norm(torch.stack([g.norm() for g in grads]))
 
 
@@ -176,6 +177,7 @@ class Trainer:
 
             AcceleratorState._reset_state(reset_partial_state=True)
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        sharding.check_launch(objective, cfg)  # FSDP/DeepSpeed launches that cannot work: one line, before accelerate
         self.acc = Accelerator(
             # torchrun on CPUs: accelerate starts DDP over gloo only when told the run is CPU-only
             cpu=world > 1 and not torch.cuda.is_available(),
@@ -184,6 +186,8 @@ class Trainer:
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
+        self.fsdp = sharding.enable_cpu_fsdp(self.acc) or sharding.is_fsdp(self.acc)  # FSDP2 (fewstep.sharding)
+        sharding.configure_deepspeed(self.acc, cfg)
         self.device = self.acc.device
         teacher.to(self.device)
         self.names = list(objective.networks().keys())
@@ -192,12 +196,16 @@ class Trainer:
         self.optim_impl: dict[str, str] = {}  # group -> fused / foreach / for-loop (fewstep.optim)
         for n, m in zip(self.names, modules):
             params = [p for p in m.parameters() if p.requires_grad]
-            opt, self.optim_impl[n] = make_adamw(params, lr=tc.lr * objective.lr_scale(n),
-                                                 betas=(tc.adam_beta1, tc.adam_beta2), weight_decay=tc.weight_decay)
+            opt, self.optim_impl[n] = make_optimizer(tc.optimizer, params, lr=tc.lr * objective.lr_scale(n),
+                                                     betas=(tc.adam_beta1, tc.adam_beta2), weight_decay=tc.weight_decay)
             optims.append(opt)
-        prepared = self.acc.prepare(*modules, *optims)
-        self.wrapped = dict(zip(self.names, prepared[: len(self.names)]))
-        self.optims = dict(zip(self.names, prepared[len(self.names):]))
+        # FSDP: an unsharded frame of the student (parameters on the meta device) for export and sample grids
+        self._frame = sharding.meta_copy(modules[self.names.index("student")]) \
+            if self.fsdp and "student" in self.names else None
+        self._gathered = None  # FSDP: the gathered student that a sample grid reads (main process, while sampling)
+        prepared_m, prepared_o = sharding.prepare(self.acc, modules, optims)  # one call per network under FSDP2
+        self.wrapped = dict(zip(self.names, prepared_m))
+        self.optims = dict(zip(self.names, prepared_o))
         from accelerate.utils import DistributedType
 
         # one process: prepare() wrapped nothing (unwrap_model would return the same modules, but its check for
@@ -226,6 +234,13 @@ class Trainer:
         for m in objective.state_modules().values():  # objective-owned state (e.g. an EMA target): checkpointed
             m.to(self.device)
             self.acc.register_for_checkpointing(m)
+        # train.lr_warmup_steps: a LambdaLR per group on the torch optimizer made above (what DDP/FSDP/DeepSpeed step),
+        # stepped with that group's own optimizer steps; registered last, so runs without it checkpoint as before
+        self._raw_opts = dict(zip(self.names, optims))
+        self.schedulers = {n: warmup_scheduler(o, tc.lr_warmup_steps) for n, o in self._raw_opts.items()} \
+            if tc.lr_warmup_steps > 0 else {}
+        for sched in self.schedulers.values():
+            self.acc.register_for_checkpointing(sched)
         self.step = 0
         self.history: list[dict] = []  # the last HISTORY_LEN logged rows
         self._signal = 0  # first stop signal received (0: none)
@@ -319,7 +334,7 @@ class Trainer:
 
     # ---- training -----------------------------------------------------------------------------
     def _params_finite(self) -> bool:
-        ok = all(torch.isfinite(p).all() for m in self.plain.values() for p in m.parameters())
+        ok = all(torch.isfinite(sharding.local(p)).all() for m in self.plain.values() for p in m.parameters())
         return not self._any_process(not ok)
 
     def _any_process(self, bad) -> bool:
@@ -417,11 +432,19 @@ class Trainer:
                 if 0 < tc.max_grad_norm <= (norm_h + 1e-6) * (1 + 1e-6):
                     _clip_to(params, tc.max_grad_norm, gnorm)
             else:
-                gnorm = torch.as_tensor(self.acc.clip_grad_norm_(params, tc.max_grad_norm)).detach()
+                if self.fsdp:  # accelerate's FSDP clip compares parameter lists with ==: fails for two same-shape nets
+                    self.acc.unscale_gradients(self.optims[group])
+                    gnorm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+                else:
+                    gnorm = self.acc.clip_grad_norm_(params, tc.max_grad_norm)
+                gnorm = sharding.full(torch.as_tensor(gnorm if gnorm is not None else 0.0)).detach()  # DeepSpeed: None
                 if self._any_process(~(torch.isfinite(loss_sum) & torch.isfinite(gnorm.to(loss_sum.device)))):
                     raise TrainingDiverged(f"non-finite loss or gradient in group '{group}' at step {self.step}")
             logs[f"{group}/grad_norm"] = gnorm
+            logs[f"{group}/lr"] = self._raw_opts[group].param_groups[0]["lr"]  # this update's (warm-up) lr
             opt.step()
+            if group in self.schedulers:
+                self.schedulers[group].step()
             opt.zero_grad(set_to_none=True)  # free this group's gradients before the next group's forward (memory)
             if group == "student" and self.ema is not None:
                 self.ema.step(self._trainable(self.plain["student"]))
@@ -477,12 +500,15 @@ class Trainer:
                     last_good = self._checked_save(last_good)
                     saved = True
                 sample_error = None
+                if self.fsdp and on_sample is not None and tc.sample_every and self.step % tc.sample_every == 0:
+                    self._gathered = self._gather_student()  # every process: FSDP gathers the student (a collective)
                 if on_sample is not None and tc.sample_every and self.step % tc.sample_every == 0 \
                         and self.acc.is_main_process:
                     try:
                         on_sample(self, self.step)
                     except WriteError as e:
                         sample_error = e
+                self._gathered = None
                 sig, failed = self._agree(self._signal, sample_error is not None)
                 if failed:  # every process stops, not only the one whose write failed
                     raise sample_error or WriteError("stopped: the main process could not write a sample grid")
@@ -513,21 +539,27 @@ class Trainer:
     def optimizer_info(self) -> dict:
         """The resolved optimizer: ``{"name": "AdamW", "impl": {group: fused|foreach|for-loop}, "describe": str}``."""
         impls = sorted(set(self.optim_impl.values()))
-        describe = "AdamW, " + (impls[0] if len(impls) == 1 else
-                                ", ".join(f"{g} {i}" for g, i in self.optim_impl.items()))
-        return {"name": "AdamW", "impl": dict(self.optim_impl), "describe": describe}
+        name = "AdamW8bit (bitsandbytes)" if self.cfg.train.optimizer == "adamw8bit" else "AdamW"
+        describe = f"{name}, " + (impls[0] if len(impls) == 1 else
+                                  ", ".join(f"{g} {i}" for g, i in self.optim_impl.items()))
+        return {"name": name, "impl": dict(self.optim_impl), "describe": describe}
 
     def _prepare_real(self, mode: str) -> None:
-        """Real samples that any step will ask for (e.g. ``data.images`` VAE-encoded): prepared now, once, with a
-        progress bar (``mode`` bar) or a line (lines), so that no training step pays for them."""
-        if not self.obj.uses_real_data():
-            return
-        prepare = getattr(self.teacher, "prepare_real_samples", None)
-        if prepare is None:
-            return
+        """Real samples that any step will ask for (e.g. ``data.images`` VAE-encoded), then every prompt of the run
+        (``teacher.prepare_conditions``: encoded into the prompt cache, the text encoders freed after): prepared now,
+        once, with a progress bar (``mode`` bar) or a line (lines), so that no training step pays for them.  With
+        several processes the local main process goes first (it writes the disk caches; the others then read them)."""
         main = self.acc.is_local_main_process
-        prepare(self.data, bar=main and mode == "bar",
-                log=(lambda msg: print(msg, file=sys.stderr, flush=True)) if main and mode == "lines" else None)
+        kw = {"bar": main and mode == "bar",
+              "log": (lambda msg: print(msg, file=sys.stderr, flush=True)) if main and mode == "lines" else None}
+        many = self.acc.num_processes > 1
+        for turn in ((True, False) if many else (main,)):
+            if main == turn:
+                if self.obj.uses_real_data():
+                    self.teacher.prepare_real_samples(self.data, **kw)
+                self.teacher.prepare_conditions(self.data, **kw)
+            if many:
+                self.acc.wait_for_everyone()
 
     def _checked_save(self, last_good) -> Path:
         if not self._params_finite():
@@ -535,8 +567,30 @@ class Trainer:
             raise TrainingDiverged(f"non-finite parameters after step {self.step}{where}")
         return self.save_checkpoint()
 
-    def final_student(self) -> nn.Module:
-        """The student to export: EMA weights when EMA is on."""
+    def _gather_student(self) -> Optional[nn.Module]:
+        return sharding.gather(self.wrapped["student"], self._frame, self.acc.is_main_process)
+
+    def sample_student(self) -> nn.Module:
+        """The student that a sample grid reads (main process): the trained module, or under FSDP its gathered copy
+        (set by the loop at a sample step, and by :meth:`final_student`)."""
+        return self._gathered if self.fsdp else self.plain["student"]
+
+    def final_student(self) -> Optional[nn.Module]:
+        """The student to export: EMA weights when EMA is on.  Under FSDP a collective (call it on every process):
+        the whole student is gathered into an unsharded copy on the main process (``None`` elsewhere), and the raw
+        copy is kept for the last sample grid (:meth:`sample_student`)."""
+        if self.fsdp:
+            self._gathered = self._gather_student()
+            shadows = [sharding.full(s) for s in self.ema.shadow_params] if self.ema is not None else None
+            if self._gathered is None or shadows is None:
+                return self._gathered
+            import copy
+
+            student = copy.deepcopy(self._gathered)
+            with torch.no_grad():
+                for p, s in zip(self._trainable(student), shadows):
+                    p.copy_(s.to(p.device, p.dtype))
+            return student
         student = self.plain["student"]
         if self.ema is not None:
             import copy

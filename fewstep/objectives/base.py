@@ -99,6 +99,40 @@ def sampler_for(schedule, steps: int, renoise: bool = True) -> dict:
     return {"scheduler": "FlowMatchEulerDiscreteScheduler", "scheduler_config": cfg}
 
 
+def conditioning_time(teacher, steps: int, timestep: int) -> float:
+    """``t`` of a 1-step student fed pure noise but conditioned at teacher timestep ``timestep`` (DMD2's SDXL
+    1-step student: 399).  The student's output becomes x0 with that timestep's alpha/sigma, as the Denoiser does at
+    ``t``.  Only for ``steps == 1`` on discrete VP teachers with an eps or v head; a one-line ``ValueError`` else."""
+    n = getattr(teacher.schedule, "num_train_timesteps", None)
+    if steps != 1:
+        raise ValueError(f"objective.conditioning_t={timestep} is for 1-step students; got student.steps={steps}")
+    if teacher.schedule.kind != "vp_discrete" or not n or teacher.denoiser.prediction not in ("eps", "v"):
+        raise ValueError(f"objective.conditioning_t={timestep} needs a discrete VP teacher with an eps or v head "
+                         f"(SD1.5/SDXL/DDPM UNets); teacher {teacher.family!r} has schedule "
+                         f"{teacher.schedule.kind!r} and prediction {teacher.denoiser.prediction!r}")
+    if not 0 <= timestep < n:
+        raise ValueError(f"objective.conditioning_t={timestep} must be a teacher timestep in 0..{n - 1}")
+    return float(teacher.schedule.timestep_to_t(int(timestep)))
+
+
+def conditioning_sampler(schedule, timestep: int) -> dict:
+    """Stock scheduler whose 1-step default call is the :func:`conditioning_time` sampler on a discrete VP
+    ``schedule``: ``DDIMScheduler`` over the teacher's first ``timestep + 1`` training steps (their betas as
+    ``trained_betas``, ``timestep_spacing="trailing"``), whose one step is ``[timestep]``: the initial noise is
+    unscaled (``init_noise_sigma = 1``), the network sees it at ``timestep``, and with ``set_alpha_to_one`` the step
+    to the end returns that timestep's x0 (eps or v head) exactly.  (``timestep_spacing="leading"`` with
+    ``steps_offset=timestep`` gives the same timesteps, but ``StableDiffusionPipeline`` resets any
+    ``steps_offset`` to 1 when it is built.)"""
+    n = int(timestep) + 1
+    t = schedule.timestep_to_t(torch.arange(n, dtype=torch.float64))
+    ab = schedule.alpha(t) ** 2  # alpha_bar of timesteps 0..timestep (rescaled when the teacher's are)
+    betas = 1 - ab / torch.cat([ab.new_ones(1), ab[:-1]])
+    return {"scheduler": "DDIMScheduler",
+            "scheduler_config": {"num_train_timesteps": n, "trained_betas": betas.tolist(),
+                                 "rescale_betas_zero_snr": False, "timestep_spacing": "trailing",
+                                 "set_alpha_to_one": True, "clip_sample": False, "thresholding": False}}
+
+
 class Objective:
     """Base class. Subclasses set ``name``, ``Config`` and implement networks / plan / loss."""
 

@@ -2,8 +2,10 @@
 denoiser and an optional GAN head on its bottleneck features behind one ``forward``."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 
@@ -68,3 +70,35 @@ class Critic(nn.Module):
 def _plain(module: nn.Module) -> nn.Module:
     """The module without a DDP/FSDP wrapper (for frozen use inside another group's loss)."""
     return getattr(module, "module", module)
+
+
+def fake_score(critic: nn.Module, x_t: Tensor, t: Tensor, cond, fp32: bool = True, **kw) -> Tensor:
+    """The critic's x0 at ``(x_t, t)`` for the generator's DM gradient (call it under ``no_grad``).
+
+    ``fp32`` (``objective.dm_fp32``) and a critic network whose weights are all float32 (a full copy, or a LoRA on a
+    float32 copy): autocast off and float32 inputs, so this term is computed in full precision, as DMD2's reference
+    does, whatever ``train.mixed_precision`` says; the critic's own training step keeps the mixed precision.  A LoRA
+    on a shared bf16/fp16 base runs the base in its dtype either way, so it keeps the trainer's autocast; the
+    gradient and its normaliser are formed in float64 for every critic (:func:`fewstep.losses.dm_loss`).
+    """
+    net = _plain(critic)
+    if fp32 and all(p.dtype == torch.float32 for p in net.denoiser.net.parameters() if p.is_floating_point()):
+        with torch.autocast(x_t.device.type, enabled=False), _own_forward(net):
+            return net(x_t.float(), t.float(), cond, **kw)
+    return net(x_t, t, cond, **kw)
+
+
+@contextmanager
+def _own_forward(module: nn.Module):
+    """Call ``module`` with its class's ``forward`` (module hooks kept): accelerate's mixed precision replaces a
+    prepared module's ``forward`` with one that enters autocast on every call, keeping the original as
+    ``_original_forward``; this puts the original back for the duration."""
+    patched, own = module.__dict__.get("forward"), module.__dict__.get("_original_forward")
+    if patched is None or own is None:
+        yield
+        return
+    module.forward = own
+    try:
+        yield
+    finally:
+        module.forward = patched

@@ -31,8 +31,8 @@ from .. import losses
 from ..conditions import Condition
 from ..sampling import ode_sample
 from ..teachers.base import frozen
-from .base import Batch, LossOutput, Objective, ObjectiveConfig, register
-from .critics import Critic, GANHead, _plain  # noqa: F401  (re-exported)
+from .base import Batch, LossOutput, Objective, ObjectiveConfig, conditioning_sampler, conditioning_time, register
+from .critics import Critic, GANHead, _plain, fake_score  # noqa: F401  (re-exported)
 
 
 class ExitCritics(nn.Module):
@@ -116,6 +116,11 @@ class DMD2Config(ObjectiveConfig):
     # base (student.share_base), else a full copy; 0 = a full float32 copy; > 0 = a LoRA of this rank
     critic_lora_rank: Optional[int] = None
     critic_lora_alpha: Optional[float] = None  # null: the rank (scale 1); with critic_lora_rank null: the student's
+    dm_fp32: bool = True  # the critic's prediction in the DM gradient in float32, autocast off (float32 critics)
+    # 1-step students on VP UNet teachers: fed pure noise but called at this teacher timestep (DMD2's SDXL 1-step:
+    # 399), its output read as x0 with that timestep's alpha/sigma; null: the top of the grid (999). Exported with a
+    # stock DDIMScheduler whose 1-step call is [conditioning_t] (objectives.base.conditioning_sampler)
+    conditioning_t: Optional[int] = None
 
 
 @dataclass
@@ -142,6 +147,8 @@ class DMD2(Objective):
             raise ValueError(f"objective.backward_simulation must be one of {', '.join(BACKWARD_SIMULATION)}; "
                              f"got {c.backward_simulation!r}")
         self.exit_rule, per_exit = BACKWARD_SIMULATION[c.backward_simulation]
+        if c.conditioning_t is not None:  # pure noise in, the network called at timestep conditioning_t
+            self.times = [conditioning_time(teacher, self.steps, c.conditioning_t)]
         if c.gan_weight < 0 or c.reg_weight < 0:
             raise ValueError("objective.gan_weight and objective.reg_weight must be >= 0")
         self.phased = None
@@ -155,7 +162,7 @@ class DMD2(Objective):
                 experts="shared", transition="renoise", dm_times="phase", phase_steps=c.phase_steps, min_t=c.min_t,
                 max_t=c.max_t, critic_steps=c.critic_steps, critic_lr_scale=c.critic_lr_scale,
                 critic_t_min=c.critic_t_min, guidance_scale=c.guidance_scale, gan_weight=c.gan_weight,
-                gan_disc_weight=c.gan_disc_weight), teacher, student_steps)
+                gan_disc_weight=c.gan_disc_weight, dm_fp32=c.dm_fp32), teacher, student_steps)
             self.student, self.critic = self.phased.student, self.phased.critic
             self.guidance, self.disc_weight, self.reg, self.per_exit = self.phased.guidance, 0.0, None, False
             return
@@ -184,6 +191,16 @@ class DMD2(Objective):
 
     def reset_groups(self, step):
         return self.phased.reset_groups(step) if self.phased is not None else []
+
+    def export_spec(self):
+        spec = super().export_spec()
+        if self.config.conditioning_t is not None:
+            t = self.config.conditioning_t
+            spec.update(conditioning_sampler(self.teacher.schedule, t))
+            spec["card_note"] = (f"The student takes pure noise and is conditioned at timestep {t} (not the top one): "
+                                 f"the scheduler (the teacher's first {t + 1} training betas, `trailing` spacing) "
+                                 f"gives the timesteps [{t}] for `num_inference_steps=1`; use one step.")
+        return spec
 
     def sample(self, student, noise, cond, num_steps=None, generator=None):
         if self.phased is not None:
@@ -334,7 +351,7 @@ class DMD2(Objective):
         xt, t, _ = self._noised(x, batch, c.min_t, c.max_t)
         with torch.no_grad():
             real = self.teacher(xt.detach(), t, batch.cond, guidance_scale=self.guidance)
-            fake = _plain(critic)(xt.detach(), t, batch.cond, exit=exits)
+            fake = fake_score(critic, xt.detach(), t, batch.cond, c.dm_fp32, exit=exits)
         loss_dm, grad = losses.dm_loss(x, real, fake)
         total = c.dm_weight * loss_dm
         logs["loss_dm"] = loss_dm.detach()

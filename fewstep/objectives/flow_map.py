@@ -33,7 +33,7 @@ from .. import losses
 from ..conditions import Condition
 from ..schedules import _bcast, student_times
 from .base import Batch, LossOutput, Objective, ObjectiveConfig, register, sampler_for
-from .dmd import Critic, _plain
+from .dmd import Critic, _plain, fake_score
 
 PIPELINES = {"sd3": ("FlowMapStableDiffusion3Pipeline", "flow_map_sd3"), "flux": ("FlowMapFluxPipeline", "flow_map_flux")}
 
@@ -52,6 +52,7 @@ class FlowMapConfig(ObjectiveConfig):
     max_t: float = 0.98
     critic_t_min: float = 0.001  # critic flow-matching time range [critic_t_min, 1]
     guidance_scale: Optional[float] = None  # teacher guidance for both terms; None -> teacher.guidance_scale
+    dm_fp32: bool = True  # the critic's prediction for the corrector's DM gradient in float32, autocast off
 
 
 def with_jump(cond: Condition, d: Tensor) -> Condition:
@@ -219,7 +220,7 @@ class FlowMap(Objective):
         xr = self.teacher.schedule.add_noise(x0.detach(), batch.randn(x0.shape), r)
         with torch.no_grad():
             real = self.teacher(xr, r, cond, guidance_scale=self.guidance)
-            fake = _plain(critic)(xr, r, cond)
+            fake = fake_score(critic, xr, r, cond, c.dm_fp32)
         loss, grad = losses.dm_loss(x0, real, fake)
         return loss, {"loss_corr": loss.detach(), "dm_grad_norm": grad.flatten(1).norm(dim=1).mean(),
                       "x0_gap_teacher_critic": (real - fake).abs().mean()}, x0

@@ -31,7 +31,7 @@ from ..conditions import Condition
 from ..schedules import _bcast
 from ..teachers.base import frozen
 from .base import Batch, LossOutput, Objective, ObjectiveConfig, register, sampler_for
-from .critics import Critic, GANHead, _plain
+from .critics import Critic, GANHead, _plain, fake_score
 
 EXPERT_PIPELINES = {  # teacher pipeline class -> (pipelines/ class with per-phase experts, its module)
     "StableDiffusionPipeline": ("PhasedStableDiffusionPipeline", "phased_sd15"),
@@ -63,6 +63,7 @@ class PhasedDMDConfig(ObjectiveConfig):
     gan_disc_weight: Optional[float] = None
     critic_lora_rank: Optional[int] = None  # the critic as a LoRA: as dmd2's objective.critic_lora_rank
     critic_lora_alpha: Optional[float] = None
+    dm_fp32: bool = True  # the critic's prediction for the DM gradient in float32, autocast off (as dmd2's)
 
 
 class PhasedStudent(nn.Module):
@@ -218,7 +219,9 @@ class PhasedDMD(Objective):
         """At the first step of phases 1..K-1: the critic restarts from the teacher (weights and optimizer)."""
         if self._critic_init is None or step == 0 or step % self.phase_length() or step // self.phase_length() >= self.steps:
             return []
-        self.critic.denoiser.load_state_dict(self._critic_init)
+        from ..sharding import load_whole
+
+        load_whole(self.critic.denoiser, self._critic_init)  # under FSDP: each process its shard
         return ["critic"]
 
     # ---- contract -------------------------------------------------------------------------------
@@ -290,7 +293,7 @@ class PhasedDMD(Objective):
         xt, _, _ = self._renoised(x_out, k, t, batch)
         with torch.no_grad():
             real = self.teacher(xt.detach(), t, batch.cond, guidance_scale=self.guidance)
-            fake = _plain(critic)(xt.detach(), t, batch.cond)
+            fake = fake_score(critic, xt.detach(), t, batch.cond, c.dm_fp32)
         # the generator's x0 carries the gradient: x_{t_{k+1}} is an affine map of it with a positive scale
         loss_dm, grad = losses.dm_loss(x0, real, fake)
         logs = {"phase": float(k), "loss_dm": loss_dm.detach(), "dm_grad_norm": grad.flatten(1).norm(dim=1).mean(),

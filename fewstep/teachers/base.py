@@ -165,6 +165,15 @@ class Teacher:
         """One-time work behind :meth:`real_samples` (e.g. VAE-encoding ``data.images``), done by the trainer before
         the first step; ``bar``: show a progress bar, ``log``: a callable for a start/end line.  Default: none."""
 
+    def prepare_conditions(self, data=None, bar: bool = False, log=None) -> None:
+        """One-time work behind :meth:`sample_conditions` (encoding every prompt of the run into a cache, then freeing
+        the text encoders: ``data.cache``, ``data.free_text_encoders``), done by the trainer before the first step,
+        after :meth:`prepare_real_samples` (whose image captions it encodes too).  Default: none."""
+
+    def save_freed_components(self, folder) -> None:
+        """Write the pipeline components this teacher dropped to save memory (freed text encoders) into an exported
+        pipeline ``folder``.  Default: none were dropped."""
+
     def to_images(self, x0: Tensor) -> Optional[Tensor]:
         """Decode clean samples to images in [0, 1] (B, 3, H, W) for grids; ``None`` for non-image data."""
         return None

@@ -54,5 +54,9 @@ def load_diffusers_teacher(path: str, guidance_scale: float = 1.0, dtype: str = 
             m.requires_grad_(False)
             m.eval()
     if getattr(pipe, "transformer", None) is not None:  # flow transformers (SD3, Flux): their own adapter
-        return DiffusersTransformerTeacher(pipe, guidance_scale, source=path)
-    return DiffusersUNetTeacher(pipe, guidance_scale, source=path)
+        teacher = DiffusersTransformerTeacher(pipe, guidance_scale, source=path)
+    else:
+        teacher = DiffusersUNetTeacher(pipe, guidance_scale, source=path)
+    # how it was loaded: cache fingerprints, and an export reloading the text encoders it freed
+    teacher.load_options = {"revision": revision, "variant": variant, "dtype": dtype}
+    return teacher

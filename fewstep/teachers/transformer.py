@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..conditions import Condition, PromptCache
 from ..schedules import RectifiedFlow
 from .base import Denoiser
-from .unet import DiffusersUNetTeacher, TeacherLoadError
+from .unet import DiffusersUNetTeacher, TeacherLoadError, upcast_vae
 
 FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
 
@@ -133,9 +133,12 @@ class DiffusersTransformerTeacher(DiffusersUNetTeacher):
         # SD3: guidance_scale is CFG; Flux: it is the guidance-embedding value (TransformerDenoiser.native)
         super(DiffusersUNetTeacher, self).__init__(denoiser, guidance_scale)
         self.pipe = pipe
+        upcast_vae(pipe)  # float32 VAE where its config asks (force_upcast) and the pipeline is fp16/bf16
         self.source = source
         self.family = kind
         self.prompt_cache = PromptCache(self.encode_prompts)
+        self.load_options: dict = {}  # as DiffusersUNetTeacher: set by teachers.load
+        self.freed_components: dict = {}
         self.vae_scale = getattr(pipe, "vae_scale_factor", 1)
         self.num_classes = 0
         self.feature_channels = tr.config.num_attention_heads * tr.config.attention_head_dim
@@ -209,6 +212,10 @@ class DiffusersTransformerTeacher(DiffusersUNetTeacher):
             return Condition(prompt_embeds=pe, pooled_embeds=pooled, null_prompt_embeds=npe, null_pooled_embeds=npooled)
         pe, pooled, _ = pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=dev, num_images_per_prompt=1)
         return Condition(prompt_embeds=pe, pooled_embeds=pooled)
+
+    def cached_prompts(self, data) -> list[str]:
+        """As the UNet teacher's, and the empty prompt when there is no prompt file (:meth:`sample_conditions`)."""
+        return super().cached_prompts(data) if data.prompts_path else [""] + super().cached_prompts(data)
 
     def sample_conditions(self, n, generator, data=None):
         """Prompts from ``data.prompts``; without a prompt file (data-free objectives) the empty prompt."""

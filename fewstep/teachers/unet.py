@@ -13,15 +13,41 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import cache as cache_mod
 from ..conditions import NULL_CLASS, Condition, PromptCache
 from ..schedules import VPDiscrete, diffusers_prediction
 from .base import Denoiser, Teacher
 
 from ..lora import LORA_TARGETS  # noqa: E402,F401  (the UNet LoRA targets; defined there: importable without torch)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")  # what data.free_text_encoders drops
+
+
+def _cache_settings(data, name: str):
+    """``(data.cache, its folder for cache ``name`` or None, data.cache_memory_mb in bytes)`` of a DataSource."""
+    folder = None if data.cache_dir is None else Path(data.cache_dir) / name
+    return data.cache, folder, float(data.cache_memory_mb) * 2 ** 20
 
 
 from .base import TeacherLoadError  # noqa: E402  (re-exported: fewstep.teachers.unet.TeacherLoadError)
+
+
+def upcast_vae(pipe) -> bool:
+    """Put ``pipe.vae`` in float32, once and in place, when its config says it overflows in half precision
+    (``force_upcast``: SDXL's VAE gives NaN in fp16) and it was loaded in float16 or bfloat16.  Returns whether it did.
+
+    The references (diffusers' LCM script, DMD2) keep this VAE in float32 for encoding and decoding; so does fewstep.
+    Cast parameter by parameter (no second copy of the module): SDXL's 84M-parameter VAE grows by 168 MB, small beside
+    its UNet, instead of being up- and down-cast around every call as the stock pipelines do.  An exported pipeline
+    therefore saves this VAE in float32 (a lossless copy of the teacher's weights; diffusers loads every component in
+    float32, or in the ``torch_dtype`` asked for, either way).
+    """
+    vae = getattr(pipe, "vae", None)
+    half = (torch.float16, torch.bfloat16)
+    if vae is None or not getattr(vae.config, "force_upcast", False) or vae.dtype not in half:
+        return False
+    vae.float()  # nn.Module.float: diffusers' .to(dtype) would warn about _keep_in_fp32_modules for nothing
+    return True
 
 
 def guidance_embedding(w: Tensor, dim: int) -> Tensor:
@@ -126,8 +152,11 @@ class DiffusersUNetTeacher(Teacher):
         prediction = diffusers_prediction(cfg.get("prediction_type", "epsilon"))
         super().__init__(UNetDenoiser(unet, schedule, prediction), guidance_scale)
         self.pipe = pipe
+        upcast_vae(pipe)  # float32 VAE where its config asks (force_upcast) and the pipeline is fp16/bf16
         self.source = source
         self.prompt_cache = PromptCache(self.encode_prompts)
+        self.load_options: dict = {}  # revision, variant, dtype of the load (teachers.load): caches, freed components
+        self.freed_components: dict = {}  # name -> (library, class) of the text encoders free_text_encoders dropped
         self.student_lora: Optional[tuple] = None  # (rank, alpha): set by api.build from student.lora_rank/alpha
         if getattr(pipe, "text_encoder_2", None) is not None:
             self.family = "sdxl"
@@ -149,6 +178,27 @@ class DiffusersUNetTeacher(Teacher):
     @property
     def image_size(self) -> int:
         return self.sample_shape[-1] * self.vae_scale
+
+    def set_resolution(self, pixels: int) -> None:
+        """Train at ``pixels`` square (``data.resolution``): latents of ``pixels / vae_scale``, SDXL time ids of it.
+
+        The teacher UNet's config ``sample_size`` is set to that latent size, so every copy of it (student, critic)
+        and the exported UNet carry it: the stock pipelines' default height/width is ``sample_size * vae_scale``.
+        """
+        unet = self.pipe.unet
+        step = self.vae_scale * 2 ** (len(unet.config.down_block_types) - 1)
+        if pixels < step or pixels % step:
+            raise ValueError(f"data.resolution={pixels} does not fit this UNet: expected a positive multiple of {step} "
+                             f"(VAE factor {self.vae_scale} x 2^{len(unet.config.down_block_types) - 1} downsamplings)")
+        lat = int(pixels) // self.vae_scale
+        unet.register_to_config(sample_size=lat)
+        if hasattr(self.pipe, "default_sample_size"):  # SDXL pipelines read it once, at construction
+            self.pipe.default_sample_size = lat
+        if self.sample_shape[1:] != (lat, lat) and len(self.prompt_cache):  # SDXL time ids carry the size: re-encode
+            old = self.prompt_cache
+            self.prompt_cache = PromptCache(self.encode_prompts)
+            self.prompt_cache.encoder_available = old.encoder_available
+        self.sample_shape = (self.sample_shape[0], lat, lat)
 
     # ---- conditions ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -224,16 +274,104 @@ class DiffusersUNetTeacher(Teacher):
     def conditions_for_prompts(self, prompts: list[str]) -> Condition:
         return self.prompt_cache.get(prompts)
 
+    # ---- caches before the first step; freeing the text encoders ---------------------------------
+    def _identity(self, components) -> dict:
+        """What a cache of this teacher's ``components``' outputs depends on (part of the cache fingerprints): the
+        source, its load options, and for a local folder the size and time of those components' files."""
+        root = Path(self.source)
+        files = sorted(f for c in components for f in (root / c).rglob("*") if f.is_file()) if root.is_dir() else []
+        return {"source": self.source, "load": self.load_options, "pipeline": type(self.pipe).__name__,
+                "family": self.family, "files": cache_mod.file_stats(files)}
+
+    def cached_prompts(self, data) -> list[str]:
+        """Every prompt a run can ask this teacher to encode: ``data.prompts``, then the captions of the real images
+        (once :meth:`prepare_real_samples` has read them)."""
+        prompts = list(data.prompts or []) if data.prompts_path else []
+        return prompts + list(getattr(self, "_real_prompts", []))
+
+    def prepare_conditions(self, data=None, bar: bool = False, log=None) -> None:
+        """Encode every prompt of the run (:meth:`cached_prompts`) once, in chunks, with a progress bar (``bar``) or a
+        start and an end line (``log``), into the prompt cache: in memory, or safetensors shards in
+        ``DATA.cache_dir/prompts`` (``data.cache``; a complete cache of the same teacher, resolution and prompts is
+        reused).  Then, with ``data.free_text_encoders``, drop the text encoders (:meth:`free_text_encoders`).
+        A second call does nothing."""
+        if data is None or not self.text_conditioned or self.prompt_cache.prepared:
+            return
+        prompts = self.cached_prompts(data)
+        if not prompts:
+            return
+        names = [n for n in TEXT_ENCODERS if getattr(self.pipe, n, None) is not None]
+        distinct = list(dict.fromkeys(prompts))
+        fp = cache_mod.fingerprint(kind="prompts", teacher=self._identity(names), size=self.image_size,
+                                   dtype=[str(getattr(self.pipe, n).dtype) for n in names],
+                                   prompts=cache_mod.fingerprint(p=distinct))
+        mode, folder, limit = _cache_settings(data, "prompts")
+        self.prompt_cache.prepare(distinct, mode, folder, fp, limit, bar=bar, log=log)
+        if data.free_text_encoders:
+            self.free_text_encoders(log)
+
+    def free_text_encoders(self, log=None) -> list[str]:
+        """Drop the text encoders from the pipeline (and so from memory); the prompt cache then serves only the
+        prompts it holds.  An export writes them back from the teacher's source (:meth:`save_freed_components`).
+        Returns the names dropped."""
+        import gc
+
+        names = [n for n in TEXT_ENCODERS if getattr(self.pipe, n, None) is not None]
+        freed = dict(self.freed_components)
+        for n in names:
+            freed[n] = tuple(self.pipe.config[n])  # (library, class), as model_index.json names it
+            setattr(self.pipe, n, None)  # DiffusionPipeline.__setattr__ also sets its config entry to (None, None)
+        self.freed_components = freed
+        self.prompt_cache.encoder_available = not freed
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if names and log is not None:
+            log(f"fewstep: freed the text encoders ({', '.join(names)}); prompts are served from the cache")
+        return names
+
+    def save_freed_components(self, folder) -> None:
+        """Write the text encoders that :meth:`free_text_encoders` dropped into the exported pipeline ``folder`` and
+        name them in its ``model_index.json`` again, one at a time: copied file for file from a local teacher folder
+        loaded without a variant (no memory), else loaded from ``teacher.path`` with the teacher's revision, variant
+        and dtype and saved."""
+        import gc
+        import importlib
+        import json
+        import shutil
+
+        if not self.freed_components:
+            return
+        folder = Path(folder)
+        index_file = folder / "model_index.json"
+        index = json.loads(index_file.read_text())
+        opts = self.load_options
+        for name, (library, cls_name) in self.freed_components.items():
+            src = Path(self.source) / name
+            if src.is_dir() and not opts.get("variant"):
+                shutil.copytree(src, folder / name)
+            else:
+                cls = getattr(importlib.import_module(library), cls_name)
+                module = cls.from_pretrained(self.source, subfolder=name, revision=opts.get("revision"),
+                                             variant=opts.get("variant"),
+                                             torch_dtype=DTYPES[opts.get("dtype", "float32")])
+                module.save_pretrained(str(folder / name), safe_serialization=True)
+                del module
+                gc.collect()
+            index[name] = [library, cls_name]
+        index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
     # ---- images -------------------------------------------------------------------------------
     @torch.no_grad()
     def to_images(self, x0: Tensor) -> Tensor:
         vae = getattr(self.pipe, "vae", None)
         if vae is None:
             return (x0.float() / 2 + 0.5).clamp(0, 1)
-        z = x0.to(vae.dtype) / vae.config.scaling_factor
+        z = x0.float() / vae.config.scaling_factor
         if getattr(vae.config, "shift_factor", None):
             z = z + vae.config.shift_factor
-        img = vae.decode(z).sample
+        with torch.autocast(z.device.type, enabled=False):  # the VAE's own dtype (float32 after upcast_vae)
+            img = vae.decode(z.to(vae.dtype)).sample
         return (img.float() / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
@@ -244,15 +382,19 @@ class DiffusersUNetTeacher(Teacher):
             return images
         out = []
         for i in range(0, len(images), 16):
-            z = vae.encode(images[i:i + 16].to(self.device, vae.dtype)).latent_dist.mean
+            with torch.autocast(self.device.type, enabled=False):  # the VAE's own dtype (float32 after upcast_vae)
+                z = vae.encode(images[i:i + 16].to(self.device, vae.dtype)).latent_dist.mean.float()
             if getattr(vae.config, "shift_factor", None):
                 z = z - vae.config.shift_factor
             out.append((z * vae.config.scaling_factor).float().cpu())
         return torch.cat(out)
 
     def prepare_real_samples(self, data=None, bar: bool = False, log=None) -> None:
-        """Encode ``data.images`` with the VAE, once (read and encoded 16 images at a time, so only the latents are
-        kept), with a progress bar (``bar``) or a start and an end line (``log``).  A second call does nothing."""
+        """Encode ``data.images`` with the VAE, once (read and encoded 16 images at a time), with a progress bar
+        (``bar``) or a start and an end line (``log``).  The float32 latents go into a row store (:mod:`fewstep.cache`,
+        ``data.cache``): in memory, or written chunk by chunk as safetensors shards in ``DATA.cache_dir/latents``, of
+        which a batch reads only its rows; a complete disk cache of the same teacher, resolution and files is reused.
+        A second call does nothing."""
         if hasattr(self, "_real"):
             return
         import time
@@ -262,18 +404,35 @@ class DiffusersUNetTeacher(Teacher):
         from ..data import load_images
 
         files = data.image_files()
-        if log is not None:
-            log(f"fewstep: encoding {len(files)} images with the VAE ...")
-        t0 = time.time()
-        chunks = []
-        with tqdm(total=len(files), desc="encoding images", unit="img", disable=not bar, dynamic_ncols=True) as pb:
-            for i in range(0, len(files), 16):
-                chunks.append(self.encode_images(load_images(files[i:i + 16], self.image_size)))
-                pb.update(len(files[i:i + 16]))
-        self._real = torch.cat(chunks)
-        self._real_prompts = image_captions(data.images_path, files)
-        if log is not None:
-            log(f"fewstep: encoded {len(files)} images in {time.time() - t0:.1f} s")
+        captions = image_captions(data.images_path, files)
+        vae = getattr(self.pipe, "vae", None)
+        fp = cache_mod.fingerprint(kind="latents", teacher=self._identity(["vae"] if vae is not None else []),
+                                   size=self.image_size, vae_dtype=str(vae.dtype) if vae is not None else None,
+                                   files=cache_mod.file_stats(files), n=len(files))
+        mode, folder, limit = _cache_settings(data, "latents")
+        store = cache_mod.open_rows(folder, fp) if folder is not None and mode != "memory" else None
+        if store is not None and len(store) == len(files):
+            if log is not None:
+                log(f"fewstep: reusing the {len(files)} image latents cached in {folder}")
+        else:
+            if log is not None:
+                log(f"fewstep: encoding {len(files)} images with the VAE ...")
+            t0 = time.time()
+
+            def chunks():
+                with tqdm(total=len(files), desc="encoding images", unit="img", disable=not bar,
+                          dynamic_ncols=True) as pb:
+                    for i in range(0, len(files), 16):
+                        yield {"latents": self.encode_images(load_images(files[i:i + 16], self.image_size)).float()}
+                        pb.update(len(files[i:i + 16]))
+
+            store = cache_mod.build_rows(len(files), chunks(), mode, folder, fp, limit, what="latent cache",
+                                         meta={"what": "image latents", "images": str(data.images_path)})
+            if log is not None:
+                log(f"fewstep: encoded {len(files)} images in {time.time() - t0:.1f} s "
+                    f"({'in memory' if store.kind == 'memory' else f'cached in {folder}'})")
+        self._real = store
+        self._real_prompts = captions
 
     def real_samples(self, n, generator, data=None):
         """Real latents (GAN term, consistency distillation): ``data.images`` encoded once with the VAE and cached
@@ -284,7 +443,7 @@ class DiffusersUNetTeacher(Teacher):
         """
         self.prepare_real_samples(data)
         idx = torch.randint(len(self._real), (n,), generator=generator)
-        x = self._real[idx]
+        x = self._real.rows(idx)["latents"]  # only these rows are read (a disk cache: from its shards)
         if self.text_conditioned:
             cond = self.prompt_cache.get([self._real_prompts[i] for i in idx.tolist()])
         elif self.num_classes:
