@@ -153,10 +153,10 @@ def test_deepspeed_errors_are_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     real_find = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real_find(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None if name == "deepspeed" else real_find(name, *a, **k))
     with pytest.raises(ConfigError, match=r"^deepspeed is not installed: pip install deepspeed$"):
         _distill(tmp_path)
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "deepspeed" else real_find(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: object() if name == "deepspeed" else real_find(name, *a, **k))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match=r"DeepSpeed needs CUDA GPUs"):
         _distill(tmp_path)
