@@ -121,7 +121,7 @@ class DiskRows:
         header = json.loads(f.read(hlen))
         base = 8 + hlen
         layout = {}
-        for k, (dtype, shape) in self.keys.items():
+        for k in self.keys:
             begin, end = header[k]["data_offsets"]
             rows = self.index["shards"][i]["rows"]
             layout[k] = (base + begin, (end - begin) // rows)
@@ -267,7 +267,8 @@ class RowWriter:
         index = {"format": FORMAT, "fingerprint": self.fp, "rows": self.n, "keys": self._keys, "shards": self._shards,
                  "meta": self.meta}
         if extra:
-            save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(self._tmp / "extra.safetensors"))
+            save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()},
+                      str(self._tmp / "extra.safetensors"))
             index["extra"] = {"file": "extra.safetensors", "bytes": (self._tmp / "extra.safetensors").stat().st_size}
         (self._tmp / INDEX).write_text(json.dumps(index, indent=1))
         fsync_tree(self._tmp)

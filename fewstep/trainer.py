@@ -458,7 +458,7 @@ class Trainer:
         resumed = self.maybe_resume()
         if resumed is not None:
             self.log(f"resumed from {resumed} at step {self.step}")
-        self.obj.setup(self.run_dir, self.acc)
+        self.obj.setup(self.run_dir, self.acc, self.data)
         self._prepare_real(mode)
         if self.acc.is_main_process:
             self.log(f"optimizer: {self.optimizer_info()['describe']}")

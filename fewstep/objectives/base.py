@@ -169,8 +169,9 @@ class Objective:
     def loss(self, group: str, batch: Batch, step: int, nets: dict) -> LossOutput:  # pragma: no cover
         raise NotImplementedError
 
-    def setup(self, run_dir, accelerator) -> None:
-        """One-time work before training (e.g. caching teacher ODE pairs); default none."""
+    def setup(self, run_dir, accelerator, data=None) -> None:
+        """One-time work before training (e.g. caching teacher ODE pairs; ``data``: the run's
+        :class:`~fewstep.data.DataSource`, whose prompts condition them); default none."""
 
     def set_max_steps(self, max_steps: int) -> None:
         """The run's ``train.max_steps`` (objectives with a step curriculum, e.g. phases); default ignores it."""

@@ -2,7 +2,7 @@
 denoiser and an optional GAN head on its bottleneck features behind one ``forward``."""
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Optional
 
 import torch
@@ -10,23 +10,51 @@ from torch import Tensor, nn
 
 
 class GANHead(nn.Module):
-    """Small classifier on bottleneck features: conv stack + global pool for maps, an MLP for vectors."""
+    """DMD2's classifier on the critic's bottleneck features, run in float32 (autocast off).
 
-    def __init__(self, channels: int):
+    Feature maps ``(B, C, H, W)`` (UNet mid-block; ``size`` = H = W): blocks of a stride-2 4x4 convolution
+    (padding 1) + GroupNorm + SiLU, each halving the map, as many as take ``size`` down to 1x1
+    (:func:`halvings`: SDXL at 1024^2, 32x32 -> 5 blocks), then a 1x1 convolution to one logit per sample.
+    Features without a map (``size`` 0: GMM vectors ``(B, C)``, transformer tokens ``(B, N, C)``): an MLP and a
+    linear layer (one logit per token for tokens).
+    """
+
+    def __init__(self, channels: int, size: int = 0):
         super().__init__()
-        self.channels = channels
-        self.conv = nn.Sequential(
-            nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(_groups(channels), channels), nn.SiLU(),
-            nn.Conv2d(channels, channels, 3, padding=1), nn.SiLU())
-        self.mlp = nn.Sequential(nn.Linear(channels, channels), nn.SiLU())
-        self.out = nn.Linear(channels, 1)
+        self.channels = channels  # bottleneck width (teacher.feature_channels)
+        self.size = int(size)  # side of the square bottleneck map (teacher.feature_size); 0: no map
+        if self.size < 0:
+            raise ValueError(f"GANHead size must be >= 0 (side of the bottleneck map, 0: none), got {size}")
+        if self.size:
+            g = _groups(channels)
+            self.blocks = nn.Sequential(*[nn.Sequential(nn.Conv2d(channels, channels, 4, stride=2, padding=1),
+                                                        nn.GroupNorm(g, channels), nn.SiLU())
+                                          for _ in range(halvings(self.size))])
+            self.out = nn.Conv2d(channels, 1, 1)
+        else:
+            self.mlp = nn.Sequential(nn.Linear(channels, channels), nn.SiLU())
+            self.out = nn.Linear(channels, 1)
 
     def forward(self, feats: Tensor) -> Tensor:
-        if feats.ndim == 4:
-            h = self.conv(feats).mean((2, 3))
-        else:
-            h = self.mlp(feats)
-        return self.out(h).squeeze(-1)
+        """Logits ``(B,)`` (``(B, N)`` for tokens), in float32 whatever autocast is on outside."""
+        dtype = self.out.weight.dtype  # float32 (the critic's weights); FSDP's mixed precision may cast them
+        dev = feats.device.type
+        with torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else nullcontext():
+            x = feats.to(dtype)
+            if self.size:
+                if x.ndim != 4 or x.shape[-2:] != (self.size, self.size):
+                    raise ValueError(f"GAN head built for {self.size}x{self.size} bottleneck maps, got features of "
+                                     f"shape {tuple(x.shape)} (data.resolution changed after the head was built?)")
+                return self.out(self.blocks(x)).flatten(1).squeeze(1)
+            return self.out(self.mlp(x)).squeeze(-1)
+
+
+def halvings(size: int) -> int:
+    """Stride-2 4x4 convolutions (padding 1) taking a ``size`` x ``size`` map to 1x1 (each: n -> (n - 2) // 2 + 1)."""
+    n, k = int(size), 0
+    while n > 1:
+        n, k = (n - 2) // 2 + 1, k + 1
+    return k
 
 
 def _groups(c: int) -> int:

@@ -169,7 +169,8 @@ class DMD2(Objective):
         self.student = teacher.new_network("student")
 
         def one_critic():
-            head = GANHead(teacher.feature_channels) if c.gan_weight > 0 else None  # before the network (same init)
+            # the GAN head before the network (same init)
+            head = GANHead(teacher.feature_channels, teacher.feature_size) if c.gan_weight > 0 else None
             return Critic(teacher.new_network("critic"), head)
 
         self.per_exit = per_exit and self.steps > 1
@@ -222,9 +223,9 @@ class DMD2(Objective):
     def lr_scale(self, group):
         return self.config.critic_lr_scale if group == "critic" else 1.0
 
-    def setup(self, run_dir, accelerator):
+    def setup(self, run_dir, accelerator, data=None):
         if self.config.reg_weight > 0:
-            self.reg = self._regression_pairs(Path(run_dir) / "regression_pairs.safetensors", accelerator)
+            self.reg = self._regression_pairs(Path(run_dir) / "regression_pairs.safetensors", accelerator, data)
 
     # ---- student rollout (backward simulation) --------------------------------------------------
     def _rollout_input(self, student_plain, batch: Batch, cond: Condition):
@@ -418,8 +419,9 @@ class DMD2(Objective):
         return LossOutput(total, logs)
 
     # ---- DMD regression pairs -------------------------------------------------------------------
-    def _regression_pairs(self, path: Path, accelerator) -> dict:
-        """(noise, teacher ODE sample, condition) pairs, generated once and cached in the run folder."""
+    def _regression_pairs(self, path: Path, accelerator, data=None) -> dict:
+        """(noise, teacher ODE sample, condition) pairs, generated once and cached in the run folder; the conditions
+        come from the run's data source (``data.prompts`` for text-conditioned teachers)."""
         from safetensors.torch import load_file, save_file
 
         if accelerator.is_main_process and not path.exists():
@@ -430,7 +432,7 @@ class DMD2(Objective):
             bs = 256
             for i in range(0, c.reg_pairs, bs):
                 n = min(bs, c.reg_pairs - i)
-                cond = self.teacher.sample_conditions(n, g)
+                cond = self.teacher.sample_conditions(n, g, data)
                 z = torch.randn((n, *self.teacher.sample_shape), generator=g)
                 y = ode_sample(self.teacher, z.to(dev), cond.to(dev), c.reg_ode_steps, guidance_scale=self.guidance)
                 noises.append(z)

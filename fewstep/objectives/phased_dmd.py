@@ -163,7 +163,7 @@ class PhasedDMD(Objective):
                              f"so that a stock DDIMScheduler reproduces the sampler; got {self.steps}")
         self.bounds = [*self.times, 0.0]  # phase k: t_k -> t_{k+1}
         self.student = self._build_student(c.experts == "separate" and self.steps > 1)
-        head = GANHead(teacher.feature_channels) if c.gan_weight > 0 else None
+        head = GANHead(teacher.feature_channels, teacher.feature_size) if c.gan_weight > 0 else None
         self.critic = Critic(teacher.new_network("critic"), head)
         self._critic_init = {k: v.detach().clone() for k, v in self.critic.denoiser.state_dict().items()} \
             if c.critic_reset and self.steps > 1 else None

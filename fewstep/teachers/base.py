@@ -112,6 +112,7 @@ class Teacher:
     family: str = "base"  # gmm, sd15, sdxl, ddpm, sd3, flux: for messages and model cards, never for branching
     sample_shape: tuple = ()  # per-sample tensor shape (latents for latent pipelines)
     feature_channels: int = 0  # width of the bottleneck features, for a GAN head
+    feature_size: int = 0  # side of the square bottleneck feature map (UNets, at the training resolution); 0: no map
     text_conditioned: bool = False  # conditions come from prompts (data.prompts required)
     num_classes: int = 0  # class-conditional teachers: number of classes (0: none)
     supports_jump: bool = False  # new_network(..., jump=True) gives a flow-map student

@@ -135,6 +135,14 @@ class UNetDenoiser(Denoiser):
         return net(x, ts, **kw).sample
 
 
+def bottleneck_side(side: int, num_down_blocks: int) -> int:
+    """Side of a diffusers UNet's mid-block map for a ``side`` x ``side`` input: every down block but the last
+    halves it (a stride-2 3x3 convolution with padding 1: n -> ceil(n / 2)); SDXL at 1024^2: 128 -> 32."""
+    for _ in range(num_down_blocks - 1):
+        side = (side + 1) // 2
+    return side
+
+
 class DiffusersUNetTeacher(Teacher):
     """A diffusers pipeline with a ``unet`` and a DDPM-family scheduler (eps or v prediction)."""
 
@@ -168,6 +176,7 @@ class DiffusersUNetTeacher(Teacher):
         size = size if isinstance(size, int) else size[0]
         self.sample_shape = (unet.config.in_channels, size, size)
         self.feature_channels = unet.config.block_out_channels[-1]
+        self.feature_size = bottleneck_side(size, len(unet.config.down_block_types))
         self.vae_scale = getattr(pipe, "vae_scale_factor", 1) if getattr(pipe, "vae", None) is not None else 1
         self.num_classes = (unet.config.num_class_embeds - 1) if getattr(unet.config, "num_class_embeds", None) else 0
 
@@ -199,6 +208,7 @@ class DiffusersUNetTeacher(Teacher):
             self.prompt_cache = PromptCache(self.encode_prompts)
             self.prompt_cache.encoder_available = old.encoder_available
         self.sample_shape = (self.sample_shape[0], lat, lat)
+        self.feature_size = bottleneck_side(lat, len(unet.config.down_block_types))
 
     # ---- conditions ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -370,9 +380,13 @@ class DiffusersUNetTeacher(Teacher):
         z = x0.float() / vae.config.scaling_factor
         if getattr(vae.config, "shift_factor", None):
             z = z + vae.config.shift_factor
-        with torch.autocast(z.device.type, enabled=False):  # the VAE's own dtype (float32 after upcast_vae)
-            img = vae.decode(z.to(vae.dtype)).sample
-        return (img.float() / 2 + 0.5).clamp(0, 1)
+        out = []
+        for i in range(len(z)):  # one image at a time (diffusers' VAE slicing): a float32 SDXL decode of a whole
+            # preview grid at 1024^2 would hold gigabytes of activations
+            with torch.autocast(z.device.type, enabled=False):  # the VAE's own dtype (float32 after upcast_vae)
+                img = vae.decode(z[i:i + 1].to(vae.dtype)).sample
+            out.append((img.float() / 2 + 0.5).clamp(0, 1))
+        return torch.cat(out)
 
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:
