@@ -76,18 +76,36 @@ def _adapter_state(net: nn.Module, state: list):
             m._active_adapter, m._disable_adapters = active, off
 
 
+@contextmanager
+def _as_in_forward(net: nn.Module, state: list, flags: list):
+    """The recomputation's context: the adapters (:func:`_state`) and the parameters' ``requires_grad`` as they were
+    in the forward, restored after."""
+    now = [p.requires_grad for p, _ in flags]
+    for p, rg in flags:
+        p.requires_grad_(rg)
+    try:
+        with _adapter_state(net, state):
+            yield
+    finally:
+        for (p, _), rg in zip(flags, now):
+            p.requires_grad_(rg)
+
+
 def enable_gradient_checkpointing(net: nn.Module) -> None:
-    """Gradient checkpointing of a diffusers model whose recomputation (in backward) runs with the adapters that were
-    active in the forward.  Needed on a shared base: between a network's forward and its backward, other calls
-    (the teacher, the critic) switch adapters, and diffusers' default recomputes under whatever is active then."""
+    """Gradient checkpointing of a diffusers model whose recomputation (in backward) runs as its forward did: with the
+    adapters that were active then, and each parameter's ``requires_grad`` as it was then.  Between a network's
+    forward and its backward other calls switch adapters (the teacher, the critic, on a shared base), and a critic
+    called frozen in the student's loss (the GAN generator term) is unfrozen again by backward time; diffusers'
+    default recomputes under whatever holds then, which saves other tensors (torch's CheckpointError)."""
     from contextlib import nullcontext
 
     from torch.utils.checkpoint import checkpoint
 
     def checkpointed(module, *args):
         state = _state(net)
+        flags = [(p, p.requires_grad) for p in module.parameters()]
         return checkpoint(module.__call__, *args, use_reentrant=False,
-                          context_fn=lambda: (nullcontext(), _adapter_state(net, state)))
+                          context_fn=lambda: (nullcontext(), _as_in_forward(net, state, flags)))
 
     net.enable_gradient_checkpointing(gradient_checkpointing_func=checkpointed)
 

@@ -81,7 +81,7 @@ def test_gradient_checkpointing_on_a_shared_base_gives_the_same_step(tiny_pipeli
     DMD2 step (student + critic adapters) ends at the same weights as without it."""
     common = [f"teacher.path={tiny_pipelines['sdxl']}", "teacher.dtype=float32", f"data.prompts={prompts_file}",
               "student.lora_rank=4", "student.steps=1", "train.batch_size=1", "train.max_steps=1",
-              "objective.critic_steps=1", "train.lr=1e-2", "train.mixed_precision=no"]
+              "objective.critic_steps=1", "train.lr=1e-2", "train.mixed_precision=no", "train.lr_warmup_steps=0"]
     runs = {}
     for flag in (False, True):
         tr = _trainer(tmp_path, f"gc{flag}", "configs/sdxl_dmd2_lora.yaml",
@@ -94,5 +94,32 @@ def test_gradient_checkpointing_on_a_shared_base_gives_the_same_step(tiny_pipeli
     assert a.keys() == b.keys() and any("lora_B" in k for k in a)
     moved = [k for k in a if "lora_B" in k and a[k].abs().sum() > 0]
     assert moved, "no adapter was trained"
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_gradient_checkpointing_with_a_frozen_critic_in_the_student_loss(tiny_pipelines, prompts_file, tmp_path):
+    """Full student and critic, GAN term on (the student's loss runs through the critic frozen; by backward time it is
+    trainable again): the recomputation must run as the forward did, and one step matches the run without it."""
+    import numpy as np
+    from PIL import Image
+
+    imgs = tmp_path / "images"
+    imgs.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(imgs / f"img_{i}.png")
+    common = [f"teacher.path={tiny_pipelines['sdxl']}", "teacher.dtype=float32", f"data.prompts={prompts_file}",
+              f"data.images={imgs}", "objective.gan_weight=0.01", "objective.critic_steps=1", "student.steps=1",
+              "train.batch_size=2", "train.max_steps=1", "train.lr=1e-3", "train.lr_warmup_steps=0",
+              "train.mixed_precision=no"]
+    runs = {}
+    for flag in (False, True):
+        tr = _trainer(tmp_path, f"gan{flag}", "configs/sdxl_dmd2.yaml",
+                      [*common, f"train.gradient_checkpointing={str(flag).lower()}"])
+        assert tr.plain["student"].net.is_gradient_checkpointing is flag
+        tr.fit()
+        runs[flag] = _params(tr)
+    a, b = runs[False], runs[True]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
