@@ -296,3 +296,39 @@ def test_merged_export_of_a_bf16_base_is_float32_and_keeps_a_small_update(tiny_p
         torch.testing.assert_close(merged[f"{path}.weight"], want, rtol=0, atol=1e-7)
         lost += int((((base + delta.to(base.dtype)).float() == base.float()) & (delta != 0)).sum())
     assert lost > 0, "the update was large enough for bf16: the test would not see a rounding loss"
+
+
+@pytest.mark.parametrize("critic_rank", [None, 0])
+def test_phase_restart_holds_no_copy_of_the_unet(tiny_pipelines, prompts_file, critic_rank):
+    """Phased DMD's critic restart between phases: a LoRA critic on the shared base zeroes its B (nothing held but
+    markers); a full float32 critic reloads the teacher's own tensors (held by reference, not a second UNet).  Either
+    way the restarted critic is the teacher again."""
+    from fewstep.api import build
+    from fewstep.config import load_config
+
+    cfg = load_config("configs/sdxl_phased_dmd.yaml", [
+        f"teacher.path={tiny_pipelines['sdxl']}", "teacher.dtype=float32", f"data.prompts={prompts_file}",
+        "student.lora_rank=4", "student.lora_alpha=4", "objective.phase_steps=2", "train.batch_size=1",
+        "train.tracker=none", "train.progress=none", "output_dir=runs/unused",
+        *([] if critic_rank is None else [f"objective.critic_lora_rank={critic_rank}"])])
+    teacher, _, obj = build(cfg)
+    init = obj._critic_init
+    assert init, "no restart state"
+    teacher_ptrs = {p.data_ptr() for p in teacher.pipe.unet.parameters()}
+    if critic_rank is None:
+        assert all(v is None for v in init.values()) and all("lora_B" in k for k in init)
+    else:
+        assert all(v is not None and v.data_ptr() in teacher_ptrs for v in init.values())
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in obj.critic.denoiser.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    t = torch.tensor([0.3, 0.8])
+    cond = teacher.conditions_for_prompts(["a photo of a cat", "a red dog"])
+    with torch.no_grad():
+        want = teacher.denoiser(x, t, cond)
+        assert (obj.critic.denoiser(x, t, cond) - want).abs().max() > 1e-3  # moved off the teacher
+        assert obj.reset_groups(2) == ["critic"]
+        torch.testing.assert_close(obj.critic.denoiser(x, t, cond), want, rtol=0, atol=1e-5)

@@ -64,6 +64,14 @@ class PhasedDMDConfig(ObjectiveConfig):
     critic_lora_rank: Optional[int] = None  # the critic as a LoRA: as dmd2's objective.critic_lora_rank
     critic_lora_alpha: Optional[float] = None
     dm_fp32: bool = True  # the critic's prediction for the DM gradient in float32, autocast off (as dmd2's)
+    # experts=shared: while phase k trains, an MSE term (this weight) keeps the network's x0 at the earlier steps'
+    # inputs (x_{t_j}, t_j, j < k, from this step's rollout) on a frozen snapshot of its trainable weights taken at
+    # the start of phase k (a LoRA: the adapter only), against the drift of the earlier steps; 0 disables
+    anchor_weight: float = 0.0
+    # clear the student's optimizer state at each phase start (with the critic's): with one shared network, Adam's
+    # second moments from the earlier phases' gradients otherwise damp the new phase's steps (4-step dmd2 on ring8:
+    # spread 0.67 -> 0.94); null: on for experts=shared, off for separate (each new expert has no state anyway)
+    student_opt_reset: Optional[bool] = None
 
 
 class PhasedStudent(nn.Module):
@@ -120,10 +128,18 @@ class PhasedStudent(nn.Module):
         t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32)
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
+        if self.num_experts == 1:  # one shared network: any times in one call (e.g. the anchor's, batched)
+            return self.expert(0)(x_t, t, cond, **kw)
         ks = {self.phase_of(v) for v in t.tolist()}
         if len(ks) != 1:
             raise ValueError(f"one call of a phased student takes one phase; got times {sorted(set(t.tolist()))}")
         return self.expert(ks.pop())(x_t, t, cond, **kw)
+
+
+def _is_main_process() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _activate_adapter(net: nn.Module, name: str) -> None:
@@ -165,11 +181,17 @@ class PhasedDMD(Objective):
         self.student = self._build_student(c.experts == "separate" and self.steps > 1)
         head = GANHead(teacher.feature_channels, teacher.feature_size) if c.gan_weight > 0 else None
         self.critic = Critic(teacher.new_network("critic"), head)
-        self._critic_init = {k: v.detach().clone() for k, v in self.critic.denoiser.state_dict().items()} \
-            if c.critic_reset and self.steps > 1 else None
+        self._critic_init = self._critic_restart_state() if c.critic_reset and self.steps > 1 else None
         self.guidance = teacher.guidance_scale if c.guidance_scale is None else float(c.guidance_scale)
         self.disc_weight = 2 * c.gan_weight if c.gan_disc_weight is None else c.gan_disc_weight
         self.max_steps: Optional[int] = None
+        if c.anchor_weight < 0:
+            raise ValueError(f"objective.anchor_weight must be >= 0, got {c.anchor_weight}")
+        self.anchored = c.anchor_weight > 0 and self.steps > 1 and self.student.num_experts == 1
+        self._anchor: Optional[dict] = None  # trainable name -> frozen tensor, taken at the start of _anchor_phase
+        self._anchor_phase = -1
+        self._phases_seen: set = set()  # phases this process has trained in (a fresh anchor needs phase k - 1 seen)
+        self._run_dir = None
 
     def _build_student(self, separate: bool) -> PhasedStudent:
         first = self.teacher.new_network("student")
@@ -215,14 +237,49 @@ class PhasedDMD(Objective):
     def phase(self, step: int) -> int:
         return min(step // self.phase_length(), self.steps - 1)
 
+    def _critic_restart_state(self) -> dict:
+        """What a phase restart writes into the critic's trainable tensors, holding as little as it can: a LoRA's B
+        -> zeros (``None``: the adapter then adds nothing and the critic is the teacher again; A keeps its values),
+        a full copy of a diffusers teacher -> the teacher's own weights (references, cast at the copy: no second
+        copy of an SDXL UNet in memory), anything else (a toy critic's residual) -> a clone of its initial value.
+        Frozen tensors are not held: they never change."""
+        teacher_net = getattr(self.teacher.denoiser, "net", None)
+        base = {}
+        if isinstance(teacher_net, nn.Module) and hasattr(teacher_net, "config"):  # a diffusers model
+            from ..lora import plain_state
+
+            base = {f"net.{k}": v for k, v in plain_state(teacher_net, None)}
+        init: dict = {}
+        for name, p in self.critic.denoiser.named_parameters():
+            if not p.requires_grad or "lora_A" in name:  # peft's "x.lora_A.ad.weight", a view's "x/lora_A/weight"
+                continue
+            if "lora_B" in name:
+                init[name] = None
+            elif name in base and base[name].shape == p.shape:
+                init[name] = base[name]
+            else:
+                init[name] = p.detach().clone()
+        return init
+
     def reset_groups(self, step: int) -> list[str]:
         """At the first step of phases 1..K-1: the critic restarts from the teacher (weights and optimizer)."""
         if self._critic_init is None or step == 0 or step % self.phase_length() or step // self.phase_length() >= self.steps:
             return []
-        from ..sharding import load_whole
+        from ..sharding import shard_like
 
-        load_whole(self.critic.denoiser, self._critic_init)  # under FSDP: each process its shard
-        return ["critic"]
+        with torch.no_grad():
+            for name, p in self.critic.denoiser.named_parameters():
+                if name not in self._critic_init:
+                    continue
+                src = self._critic_init[name]
+                if src is None:
+                    p.zero_()
+                else:  # under FSDP: this process's shard of the whole tensor
+                    p.copy_(shard_like(src, p) if hasattr(p, "device_mesh") else src)
+        reset = self.config.student_opt_reset
+        if reset is None:
+            reset = self.student.num_experts == 1
+        return ["critic", "student"] if reset else ["critic"]
 
     # ---- contract -------------------------------------------------------------------------------
     def networks(self):
@@ -238,6 +295,11 @@ class PhasedDMD(Objective):
     def wants_real(self, step):
         return self.config.gan_weight > 0
 
+    def setup(self, run_dir, accelerator, data=None):
+        from pathlib import Path
+
+        self._run_dir = Path(run_dir)  # the anchor snapshots of experts=shared are kept there (resume)
+
     def lr_scale(self, group):
         return self.config.critic_lr_scale if group == "critic" else 1.0
 
@@ -245,7 +307,11 @@ class PhasedDMD(Objective):
         """Expert k from ``x_{t_k}``: (x0-prediction, ``x_{t_{k+1}}``): a deterministic DDIM/Euler move, or
         (``transition=renoise``) the x0-prediction diffused to ``t_{k+1}`` with fresh noise from ``randn(shape)``."""
         t = torch.full((x.shape[0],), self.bounds[k], device=x.device)
-        x0 = student(x, t, cond)
+        return self._move(student(x, t, cond), x, k, randn)
+
+    def _move(self, x0: Tensor, x: Tensor, k: int, randn=None) -> tuple[Tensor, Tensor]:
+        """:meth:`_step` from expert k's x0-prediction ``x0`` at ``x = x_{t_k}``."""
+        t = torch.full((x.shape[0],), self.bounds[k], device=x.device)
         if k == self.steps - 1:
             return x0, x0
         s = torch.full_like(t, self.bounds[k + 1])
@@ -254,12 +320,57 @@ class PhasedDMD(Objective):
         return x0, self.teacher.schedule.ddim_step(x0, x, t, s)
 
     @torch.no_grad()
-    def _phase_input(self, student_plain, batch: Batch, k: int) -> Tensor:
-        """``x_{t_k}`` from the frozen experts 0..k-1, run from noise."""
+    def _phase_input(self, student_plain, batch: Batch, k: int, states: Optional[list] = None) -> Tensor:
+        """``x_{t_k}`` from the frozen experts 0..k-1, run from noise (``states``: gets ``x_{t_0..t_{k-1}}``)."""
         x = batch.randn((batch.size, *self.teacher.sample_shape))
         for j in range(k):
+            if states is not None:
+                states.append(x)
             _, x = self._step(student_plain, x, j, batch.cond, batch.randn)
         return x
+
+    # ---- anchor of the earlier steps (experts=shared) ---------------------------------------------
+    def _anchor_file(self, k: int):
+        return None if self._run_dir is None else self._run_dir / "anchor" / f"phase{k}.safetensors"
+
+    def _take_anchor(self, student_plain, k: int) -> None:
+        """The frozen snapshot of phase ``k``: the trainable weights at the phase's first step (saved in the run folder,
+        and read back from there when a run resumes mid-phase, so that a resumed run anchors to the same weights)."""
+        if self._anchor_phase == k:
+            return
+        path = self._anchor_file(k)
+        names = [n for n, p in student_plain.named_parameters() if p.requires_grad]
+        if path is not None and k - 1 not in self._phases_seen and path.is_file():  # resumed mid-phase
+            from safetensors.torch import load_file
+
+            saved = load_file(str(path))
+            dev = next(student_plain.parameters()).device
+            self._anchor = {n: saved[n].to(dev) for n in names}
+        else:
+            params = dict(student_plain.named_parameters())
+            self._anchor = {n: params[n].detach().clone() for n in names}
+            if path is not None and _is_main_process():
+                from safetensors.torch import save_file
+
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                save_file({n: v.contiguous().cpu() for n, v in self._anchor.items()}, str(tmp))
+                tmp.replace(path)
+        self._anchor_phase = k
+
+    def anchor_inputs(self, states: list, cond: Condition):
+        """The earlier steps' inputs as one batch: ``(x_{t_0..t_{k-1}}, their times, cond repeated)``."""
+        x = torch.cat(states)
+        t = torch.cat([torch.full((v.shape[0],), self.bounds[j], device=v.device) for j, v in enumerate(states)])
+        return x, t, Condition.cat([cond] * len(states))
+
+    def anchor_loss(self, out: Tensor, student_plain, x: Tensor, t: Tensor, cond: Condition) -> Tensor:
+        """MSE between the network's x0 ``out`` at the earlier steps' inputs ``(x, t)`` and the snapshot's there."""
+        from torch.func import functional_call
+
+        with torch.no_grad():
+            ref = functional_call(student_plain, self._anchor, (x, t, cond), strict=False)
+        return torch.nn.functional.mse_loss(out.float(), ref.float())
 
     def _sub_times(self, k: int, lo: float, hi: float, batch: Batch) -> Tensor:
         """Times in ``(t_{k+1}, top]`` at fractions ``[lo, hi]``; top = 1 (``above``) or ``t_k`` (``phase``)."""
@@ -276,6 +387,7 @@ class PhasedDMD(Objective):
     # ---- losses ---------------------------------------------------------------------------------
     def loss(self, group, batch, step, nets):
         k = self.phase(step)
+        self._phases_seen.add(k)
         if group == "student":
             return self._student_loss(batch, nets, k)
         if group == "critic":
@@ -285,8 +397,16 @@ class PhasedDMD(Objective):
     def _student_loss(self, batch: Batch, nets, k: int) -> LossOutput:
         c = self.config
         student, critic = nets["student"], nets["critic"]
-        x_in = self._phase_input(_plain(student), batch, k)
-        x0, x_out = self._step(student, x_in, k, batch.cond, batch.randn)
+        states = [] if self.anchored and k > 0 else None
+        x_in = self._phase_input(_plain(student), batch, k, states)
+        if states:  # one forward for exit k and the anchor's inputs (one DDP forward per step)
+            xa, ta, ca = self.anchor_inputs(states, batch.cond)
+            n = x_in.shape[0]
+            out = student(torch.cat([x_in, xa]), torch.cat([torch.full((n,), self.bounds[k], device=xa.device), ta]),
+                          Condition.cat([batch.cond, ca]))
+            x0, x_out = self._move(out[:n], x_in, k, batch.randn)
+        else:
+            x0, x_out = self._step(student, x_in, k, batch.cond, batch.randn)
         if batch.shared is not None:  # the critic update of this step trains on these samples (one rollout a step)
             batch.shared["phased_x_s"] = (x_out.detach(), batch.cond)
         t = self._sub_times(k, c.min_t, c.max_t, batch)
@@ -308,6 +428,11 @@ class PhasedDMD(Objective):
             loss_g = losses.gan_generator_loss(logits)
             total = total + c.gan_weight * loss_g
             logs["loss_gan_g"] = loss_g.detach()
+        if states:  # experts=shared, phase k > 0: keep the earlier steps where phase k started
+            self._take_anchor(_plain(student), k)
+            loss_a = self.anchor_loss(out[n:], _plain(student), xa, ta, ca)
+            total = total + c.anchor_weight * loss_a
+            logs["loss_anchor"] = loss_a.detach()
         return LossOutput(total, logs)
 
     def critic_targets(self, kind: str, x_s: Tensor, k: int, t: Tensor, batch: Batch):
