@@ -35,3 +35,14 @@ def run_cli(*args, timeout=600, env=None, cwd=None):
     e.update(env or {})
     return subprocess.run([sys.executable, "-m", "fewstep", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=e, cwd=cwd or ROOT)
+
+
+def assert_same_students(run_a, run_b):
+    """The exported GMM students (``RUN/student/student.safetensors``) of two runs are equal, bit for bit."""
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(Path(r) / "student" / "student.safetensors")) for r in (run_a, run_b))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

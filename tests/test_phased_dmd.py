@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, assert_same_students, run_cli
 
 
 def _objective(schedule="vp", steps=2, **cfg):
@@ -131,19 +131,13 @@ def test_each_expert_trains_only_in_its_phase(tmp_path):
 
 def test_resume_mid_phase_is_exact(tmp_path):
     """6 steps straight == 3 (mid phase 0) + resume, across the phase boundary at step 4 (critic reset)."""
-    from safetensors.torch import load_file
-
     common = ["student.steps=2", "objective.phase_steps=4", "objective.critic_steps=2", "train.max_steps=6",
               "train.checkpoint_every=3"]
     _run(tmp_path, "straight", *common)
     _run(tmp_path, "resumed", *common[:-2], "train.max_steps=3", "train.checkpoint_every=3")
     m = _run(tmp_path, "resumed", *common)
     assert m["steps"] == 6
-    sa = load_file(str(tmp_path / "straight" / "student" / "student.safetensors"))
-    sb = load_file(str(tmp_path / "resumed" / "student" / "student.safetensors"))
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
+    assert_same_students(tmp_path / "straight", tmp_path / "resumed")
 
 
 def test_sample_command_loads_phased_students(tmp_path):
