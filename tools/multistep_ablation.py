@@ -73,7 +73,7 @@ def run_one(rule: str, steps: int, mixture: str, train_steps: int, seed: int, ou
     secs = time.time() - t0
     ev = m["eval"]
     _, teacher, _, objective = load_run(str(run_dir))
-    student = load_toy_student(teacher, run_dir / "student")
+    student = load_toy_student(teacher, run_dir / "student", objective)  # phased students need the objective
     row = {"name": name, "rule": rule, "steps": steps, "mixture": mixture, "train_steps": m["steps"], "seed": seed,
             "energy_distance": ev["student"]["energy_distance"],
             "teacher_energy_distance": ev["teacher"]["energy_distance"], "energy_ratio": ev["energy_ratio"],

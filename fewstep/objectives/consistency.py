@@ -120,6 +120,9 @@ class SLAMConfig(ConsistencyConfig):
     #                              or "interp" (t_gamma = t_n + gamma (t_{n+k} - t_n), z the DDIM point at t_gamma)
     gamma_power: float = 1.0  # gamma = gamma_min + (gamma_max - gamma_min) u^(1/p), u ~ U[0, 1]: density ~ g^(p-1)
     loss_weight: str = "gamma"  # "none" or "gamma" (per-sample loss weighted by gamma, normalised by its batch mean)
+    subpath_x0: str = "net"  # "net": the network's x0 at the fed time; "paper" (with subpath_time=start): SLAM's
+    #                          official code, the network's eps taken at the sub-path point's own noise level sigma_gamma
+    gamma_embedding: bool = True  # false (subpath_time=interp only): the student does not see gamma, t_gamma alone
     guidance_embedding: bool = False  # the embedding slot carries gamma; guidance is the fixed guidance_scale
 
 
@@ -236,14 +239,19 @@ class Consistency(Objective):
             pt.lerp_(ps.to(pt.dtype), 1.0 - d)
 
     # ---- the consistency function -----------------------------------------------------------------
-    def consistency(self, net, x: Tensor, t: Tensor, cond: Condition) -> Tensor:
-        """``f(x, t) = c_skip(t) x + c_out(t) D(x, t)``; ``f(x, 0) = x`` exactly."""
+    def consistency(self, net, x: Tensor, t: Tensor, cond: Condition, noise_ratio: Optional[Tensor] = None) -> Tensor:
+        """``f(x, t) = c_skip(t) x + c_out(t) D(x, t)``; ``f(x, 0) = x`` exactly.  ``noise_ratio`` ``rho`` (per sample):
+        ``D``'s implied eps ``(x - a_t D) / s_t`` is taken at noise level ``rho s_t``, i.e. ``D -> (1 - rho) x / a_t +
+        rho D`` (SLAM's ``subpath_x0=paper``)."""
         t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         c_skip, c_out = lcm_scalings(t, self.teacher.schedule, self.config.timestep_scaling)
         c_skip, c_out = c_skip.to(x.device), c_out.to(x.device)
         x0 = net(x, t, cond)
+        if noise_ratio is not None:
+            rho = _bcast(noise_ratio.to(x0.dtype), x0)
+            x0 = (1 - rho) * x / _bcast(self.teacher.schedule.alpha(t).to(x0.dtype), x0) + rho * x0
         out = _bcast(c_skip, x) * x + _bcast(c_out, x) * x0
         return torch.where(_bcast(c_out, x) == 0, x, out)  # exact boundary, whatever D returns at t = 0
 
@@ -281,10 +289,10 @@ class Consistency(Objective):
         return c.w_min + (c.w_max - c.w_min) * batch.rand(n)
 
     def student_input(self, x_hi, x_lo, t_hi, t_lo, cond, w, batch):
-        """(input, time, condition) of the online student, condition of the target and per-sample loss weights
-        (None: unweighted); SLAM overrides this."""
+        """(input, time, condition) of the online student, condition of the target, per-sample loss weights
+        (None: unweighted) and the online prediction's noise ratio (see :meth:`consistency`); SLAM overrides this."""
         cw = self.with_slot(cond, w)
-        return x_hi, t_hi, cw, cw, None
+        return x_hi, t_hi, cw, cw, None, None
 
     def distance(self, a: Tensor, b: Tensor, weight: Optional[Tensor] = None) -> Tensor:
         a, b = a.float(), b.float()
@@ -316,8 +324,8 @@ class Consistency(Objective):
         with torch.no_grad():  # one guided teacher DDIM step t_{n+k} -> t_n
             x0_teacher = self._teacher_x0(x_hi, t_hi, cond, 1.0 + w)
             x_lo = sched.ddim_step(x0_teacher, x_hi, t_hi, t_lo)
-        z, t_z, cond_student, cond_target, weight = self.student_input(x_hi, x_lo, t_hi, t_lo, cond, w, batch)
-        pred = self.consistency(nets["student"], z, t_z, cond_student)
+        z, t_z, cond_student, cond_target, weight, rho = self.student_input(x_hi, x_lo, t_hi, t_lo, cond, w, batch)
+        pred = self.consistency(nets["student"], z, t_z, cond_student, rho)
         with torch.no_grad():
             target_net = self.target if self.target is not None else _plain(nets["student"])
             target = self.consistency(target_net, x_lo, t_lo, cond_target)
@@ -370,6 +378,14 @@ class SLAM(Consistency):
             raise ValueError(f"objective.loss_weight must be 'none' or 'gamma', got {config.loss_weight!r}")
         if not config.gamma_power > 0:
             raise ValueError(f"objective.gamma_power must be > 0, got {config.gamma_power}")
+        if config.subpath_x0 not in ("net", "paper"):
+            raise ValueError(f"objective.subpath_x0 must be 'net' or 'paper', got {config.subpath_x0!r}")
+        if config.subpath_x0 == "paper" and config.subpath_time != "start":
+            raise ValueError("objective.subpath_x0=paper rescales the noise of a point fed at t_{n+k}: it needs "
+                             "objective.subpath_time=start (interp points already carry their time's noise)")
+        if not config.gamma_embedding and config.subpath_time != "interp":
+            raise ValueError("objective.gamma_embedding=false needs objective.subpath_time=interp (at t_{n+k} only "
+                             "the embedding tells the student where on the sub-path its input lies)")
         if not 0.0 <= config.gamma_min <= config.gamma_max <= 1.0:
             raise ValueError(f"objective.gamma_min/gamma_max must satisfy 0 <= gamma_min <= gamma_max <= 1, "
                              f"got {config.gamma_min}, {config.gamma_max}")
@@ -377,7 +393,8 @@ class SLAM(Consistency):
 
     @property
     def embeds(self) -> bool:
-        return self.config.gamma_min < self.config.gamma_max  # a constant gamma needs no embedding
+        c = self.config
+        return c.gamma_min < c.gamma_max and c.gamma_embedding  # a constant gamma needs no embedding
 
     def slot_for_sampling(self, n, device, guidance_scale=None):
         return torch.zeros((n,), device=device)  # gamma = 1 (stock pipelines: guidance_scale = 1)
@@ -398,7 +415,19 @@ class SLAM(Consistency):
         weight = None  # a constant gamma weights every sample alike: unweighted, so gamma = 1 stays LCM bit for bit
         if c.loss_weight == "gamma" and c.gamma_min < c.gamma_max:
             weight = gamma / gamma.mean().clamp_min(1e-12)
-        return z, t_z, self.with_slot(cond, gamma - 1.0), self.with_slot(cond, torch.zeros_like(gamma)), weight
+        rho = self.noise_ratio(t_hi, t_lo, gamma) if c.subpath_x0 == "paper" else None
+        return z, t_z, self.with_slot(cond, gamma - 1.0), self.with_slot(cond, torch.zeros_like(gamma)), weight, rho
+
+    def noise_ratio(self, t_hi, t_lo, gamma) -> Tensor:
+        """``sigma_gamma / s_{n+k}`` of ``subpath_x0=paper`` (SLAM's code): with ``r = a_{n+k} / a_n``, ``sigma_gamma^2 =
+        (r s_n)^2 + gamma^2 (s_{n+k}^2 - (r s_n)^2)``, the noise of ``z`` if ``x_{n+k}`` were ``x_hat_n`` forward-noised
+        (the VP form ``(r s_n)^2 + gamma^2 (1 - r^2)`` there); exactly 1 at ``gamma = 1``."""
+        sched = self.teacher.schedule
+        t_hi64, t_lo64, g = t_hi.to(torch.float64), t_lo.to(torch.float64), gamma.to(torch.float64)
+        s_h = sched.sigma(t_hi64).double()
+        rs = sched.alpha(t_hi64).double() / sched.alpha(t_lo64).double() * sched.sigma(t_lo64).double()
+        rho = (rs**2 + g**2 * (s_h**2 - rs**2)).clamp_min(0).sqrt() / s_h
+        return torch.where(g == 1, torch.ones_like(rho), rho).to(t_hi.dtype)
 
     def sub_path_point(self, x_hi, x_lo, t_hi, t_lo, gamma) -> tuple[Tensor, Tensor]:
         """``(z, t_z)``.  ``start`` (SLAM): ``z = gamma x_{n+k} + (1 - gamma) (a_{n+k} / a_n) x_hat_n`` at

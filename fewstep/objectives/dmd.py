@@ -112,6 +112,13 @@ class DMD2Config(ObjectiveConfig):
     # exits, the published recipe) or "last" (always the last exit); see BACKWARD_SIMULATION
     backward_simulation: str = "phased"
     phase_steps: int = 0  # "phased": steps per exit; 0 splits train.max_steps evenly
+    # "phased": while exit k trains, an MSE term (this weight) keeps the shared network's x0 at the earlier exits'
+    # inputs on a frozen snapshot of its trainable weights (a LoRA: the adapter) taken when exit k's phase started:
+    # the earlier exits no longer drift (phased_dmd's objective.anchor_weight; README "Multi-step students"); 0 = off
+    anchor_weight: float = 0.0
+    # "phased": clear the student's optimizer state at each exit's phase start, as the critic's. 4 steps, 10k: ring8
+    # 3.36x/0.67 -> 1.04x/0.94 (seed 1: 1.01x/0.97), uneq6 0.95x/0.98, but skew3 0.87x/0.96 -> 17.3x/0.68: off
+    student_opt_reset: bool = False
     # the critic as a LoRA (peft adapter): null = the student's rank and alpha when the student is a LoRA on the shared
     # base (student.share_base), else a full copy; 0 = a full float32 copy; > 0 = a LoRA of this rank
     critic_lora_rank: Optional[int] = None
@@ -162,7 +169,9 @@ class DMD2(Objective):
                 experts="shared", transition="renoise", dm_times="phase", phase_steps=c.phase_steps, min_t=c.min_t,
                 max_t=c.max_t, critic_steps=c.critic_steps, critic_lr_scale=c.critic_lr_scale,
                 critic_t_min=c.critic_t_min, guidance_scale=c.guidance_scale, gan_weight=c.gan_weight,
-                gan_disc_weight=c.gan_disc_weight, dm_fp32=c.dm_fp32), teacher, student_steps)
+                gan_disc_weight=c.gan_disc_weight, dm_fp32=c.dm_fp32, anchor_weight=c.anchor_weight,
+                student_opt_reset=c.student_opt_reset), teacher,
+                student_steps)
             self.student, self.critic = self.phased.student, self.phased.critic
             self.guidance, self.disc_weight, self.reg, self.per_exit = self.phased.guidance, 0.0, None, False
             return
@@ -224,6 +233,8 @@ class DMD2(Objective):
         return self.config.critic_lr_scale if group == "critic" else 1.0
 
     def setup(self, run_dir, accelerator, data=None):
+        if self.phased is not None:
+            self.phased.setup(run_dir, accelerator, data)
         if self.config.reg_weight > 0:
             self.reg = self._regression_pairs(Path(run_dir) / "regression_pairs.safetensors", accelerator, data)
 

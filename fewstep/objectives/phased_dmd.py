@@ -68,9 +68,9 @@ class PhasedDMDConfig(ObjectiveConfig):
     # inputs (x_{t_j}, t_j, j < k, from this step's rollout) on a frozen snapshot of its trainable weights taken at
     # the start of phase k (a LoRA: the adapter only), against the drift of the earlier steps; 0 disables
     anchor_weight: float = 0.0
-    # clear the student's optimizer state at each phase start (with the critic's): with one shared network, Adam's
-    # second moments from the earlier phases' gradients otherwise damp the new phase's steps (4-step dmd2 on ring8:
-    # spread 0.67 -> 0.94); null: on for experts=shared, off for separate (each new expert has no state anyway)
+    # clear the student's optimizer state at each phase start (with the critic's). With one shared network Adam's
+    # second moments from the earlier phases carry over; clearing them fixes 4-step dmd2 on ring8 (spread 0.67 ->
+    # 0.94) but breaks skew3 (0.96 -> 0.68; README "Multi-step students"). null: off (dmd2 passes its own)
     student_opt_reset: Optional[bool] = None
 
 
@@ -276,9 +276,7 @@ class PhasedDMD(Objective):
                     p.zero_()
                 else:  # under FSDP: this process's shard of the whole tensor
                     p.copy_(shard_like(src, p) if hasattr(p, "device_mesh") else src)
-        reset = self.config.student_opt_reset
-        if reset is None:
-            reset = self.student.num_experts == 1
+        reset = bool(self.config.student_opt_reset)
         return ["critic", "student"] if reset else ["critic"]
 
     # ---- contract -------------------------------------------------------------------------------

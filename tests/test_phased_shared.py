@@ -1,0 +1,83 @@
+"""Multi-step dmd2 (``backward_simulation=phased``: one shared network): the options objective.student_opt_reset
+(the student's optimizer state restarts with each exit's phase) and objective.anchor_weight (earlier exits anchored)."""
+import torch
+
+from conftest import ROOT
+
+
+def _dmd2(steps=4, **cfg):
+    from fewstep.objectives.dmd import DMD2, DMD2Config
+    from fewstep.teachers.gmm import GMMTeacher, load_mixture
+
+    teacher = GMMTeacher(load_mixture("line4"), "vp")
+    return DMD2(DMD2Config(**cfg), teacher, steps), teacher
+
+
+def test_phase_start_resets_the_shared_students_optimizer():
+    from fewstep.objectives.phased_dmd import PhasedDMD, PhasedDMDConfig
+    from fewstep.teachers.gmm import GMMTeacher, load_mixture
+
+    obj, _ = _dmd2(phase_steps=10, student_opt_reset=True)
+    assert obj.reset_groups(0) == [] and obj.reset_groups(5) == []
+    assert obj.reset_groups(10) == ["critic", "student"] and obj.reset_groups(30) == ["critic", "student"]
+    assert _dmd2(phase_steps=10)[0].reset_groups(10) == ["critic"]  # off by default
+    teacher = GMMTeacher(load_mixture("line4"), "vp")
+    sep = PhasedDMD(PhasedDMDConfig(phase_steps=10), teacher, 2)
+    shared = PhasedDMD(PhasedDMDConfig(phase_steps=10, experts="shared", student_opt_reset=True), teacher, 2)
+    assert sep.reset_groups(10) == ["critic"] and shared.reset_groups(10) == ["critic", "student"]
+
+
+def test_anchor_is_zero_at_the_snapshot_and_grows_after_an_update():
+    from fewstep.conditions import Condition
+    from fewstep.objectives.base import Batch
+
+    obj, teacher = _dmd2(phase_steps=10, anchor_weight=1.0)
+    ph = obj.phased
+    student = ph.student
+    g = torch.Generator().manual_seed(0)
+    n = 64
+    batch = Batch(n, teacher.sample_conditions(n, g), g, torch.device("cpu"))
+    ph._phases_seen.update({0, 1, 2})
+    states = []
+    ph._phase_input(student, batch, 3, states)
+    assert len(states) == 3
+    ph._take_anchor(student, 3)
+    xa, ta, ca = ph.anchor_inputs(states, batch.cond)
+    assert sorted(set(ta.tolist())) == [0.5, 0.75, 1.0]
+    loss = ph.anchor_loss(student(xa, ta, ca), student, xa, ta, ca)
+    assert float(loss.detach()) == 0.0  # right after the snapshot the network is the snapshot
+    with torch.no_grad():
+        for p in student.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    out = student(xa, ta, ca)
+    loss = ph.anchor_loss(out, student, xa, ta, ca)
+    assert float(loss) > 1e-6
+    loss.backward()  # the gradient reaches the trainable weights (the snapshot is a constant)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters() if p.requires_grad)
+    assert isinstance(ca, Condition) and len(xa) == 3 * n
+
+
+def test_anchored_run_resumes_mid_phase_exactly(tmp_path):
+    """6 steps straight == 3 + resume, with the anchor on (its snapshot is read back from the run folder)."""
+    from safetensors.torch import load_file
+
+    from fewstep.api import distill
+    from fewstep.config import load_config
+
+    def run(name, *over):
+        cfg = load_config(str(ROOT / "configs" / "gmm_dmd2.yaml"), [
+            "train.tracker=none", f"output_dir={tmp_path}/{name}", "teacher.path=gmm:line4", "train.batch_size=32",
+            "student.steps=2", "objective.phase_steps=2", "objective.critic_steps=1", "objective.anchor_weight=1",
+            *over])
+        return distill(cfg, log=lambda *a: None)
+
+    run("straight", "train.max_steps=6", "train.checkpoint_every=3")
+    run("resumed", "train.max_steps=3", "train.checkpoint_every=3")
+    assert (tmp_path / "resumed" / "anchor" / "phase1.safetensors").is_file()
+    run("resumed", "train.max_steps=6", "train.checkpoint_every=3")
+    sa = load_file(str(tmp_path / "straight" / "student" / "student.safetensors"))
+    sb = load_file(str(tmp_path / "resumed" / "student" / "student.safetensors"))
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
