@@ -189,7 +189,9 @@ def distill(cfg, log=print) -> dict:
         getattr(opt, "optimizer", opt).state.clear()
     for m in trainer.plain.values():
         m.zero_grad(set_to_none=True)
-    gc.collect()
+    from .memory import release_unused
+
+    release_unused()
     metrics: dict = {"objective": objective.name, "student_steps": objective.steps,
                      "num_processes": trainer.acc.num_processes, **fit}
     # under FSDP a collective (every process gathers its shards; the main process gets the whole student)

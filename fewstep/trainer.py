@@ -164,7 +164,7 @@ class Progress:
 class Trainer:
     def __init__(self, cfg, teacher, objective, data, run_dir, log=print):
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+        from accelerate.utils import AutocastKwargs, DistributedDataParallelKwargs, ProjectConfiguration
 
         self.cfg, self.teacher, self.obj, self.data = cfg, teacher, objective, data
         self.run_dir = Path(run_dir)
@@ -184,7 +184,11 @@ class Trainer:
             mixed_precision=tc.mixed_precision,
             log_with=None if tc.tracker == "none" else tc.tracker,
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True),
+                             # with gradient checkpointing, no autocast weight cache: it would hold a 16-bit copy of
+                             # every float32 weight used in a forward until the step ends (for a full SDXL student,
+                             # 5 GB) where checkpointing otherwise drops them with the block's activations
+                             *([AutocastKwargs(cache_enabled=False)] if tc.gradient_checkpointing else [])],
         )
         self.fsdp = sharding.enable_cpu_fsdp(self.acc) or sharding.is_fsdp(self.acc)  # FSDP2 (fewstep.sharding)
         sharding.configure_deepspeed(self.acc, cfg)

@@ -324,8 +324,6 @@ class DiffusersUNetTeacher(Teacher):
         """Drop the text encoders from the pipeline (and so from memory); the prompt cache then serves only the
         prompts it holds.  An export writes them back from the teacher's source (:meth:`save_freed_components`).
         Returns the names dropped."""
-        import gc
-
         names = [n for n in TEXT_ENCODERS if getattr(self.pipe, n, None) is not None]
         freed = dict(self.freed_components)
         for n in names:
@@ -333,7 +331,9 @@ class DiffusersUNetTeacher(Teacher):
             setattr(self.pipe, n, None)  # DiffusionPipeline.__setattr__ also sets its config entry to (None, None)
         self.freed_components = freed
         self.prompt_cache.encoder_available = not freed
-        gc.collect()
+        from ..memory import release_unused
+
+        release_unused()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         if names and log is not None:
