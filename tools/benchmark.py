@@ -73,6 +73,9 @@ SUITE = {
     "slam-1step": ("gmm_slam.yaml", ["student.steps=1"]),
     "slam-1step-start": ("gmm_slam.yaml", ["student.steps=1", "objective.subpath_time=start",
                                            "objective.loss_weight=none"]),
+    "slam-1step-uniform": ("gmm_slam.yaml", ["student.steps=1", "objective.gamma_power=1"]),  # the previous default
+    "slam-1step-paper": ("gmm_slam.yaml", ["student.steps=1", "objective.subpath_time=start",  # SLAM's code
+                                           "objective.subpath_x0=paper", "objective.loss_weight=none"]),
     "slam-2step": ("gmm_slam.yaml", ["student.steps=2"]),
     "slam-4step": ("gmm_slam.yaml", ["student.steps=4"]),
     "boot-1step": ("gmm_boot.yaml", []),
