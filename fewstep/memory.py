@@ -157,18 +157,30 @@ def table(est: dict, title: str = "") -> str:
     return "\n".join(lines)
 
 
+_LIBC: list = []
+
+
+def trim_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``, every arena; elsewhere a no-op): memory
+    freed in many mid-sized blocks (gradients, optimizer state, a text encoder) otherwise stays in the resident set
+    and adds to the peak of whatever is allocated next."""
+    if not _LIBC:
+        import ctypes
+
+        try:
+            _LIBC.append(ctypes.CDLL("libc.so.6").malloc_trim)
+        except (OSError, AttributeError):
+            _LIBC.append(None)
+    if _LIBC[0] is not None:
+        _LIBC[0](0)
+
+
 def release_unused() -> None:
-    """Collect garbage and hand the C heap's free pages back to the OS (glibc ``malloc_trim``; elsewhere a no-op):
-    memory freed in many mid-sized blocks (optimizer state, a text encoder) otherwise stays in the resident set and
-    adds to the peak of whatever is allocated next (the export)."""
-    import ctypes
+    """Collect garbage, then :func:`trim_heap`."""
     import gc
 
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    trim_heap()
 
 
 # ---- from a run config, before loading anything ------------------------------------------------------------------

@@ -50,6 +50,7 @@ from .conditions import Condition
 from .errors import CheckpointError, Preempted, TrainingDiverged  # noqa: F401  (re-exported)
 from .export import TMP_PREFIX, WriteError, clean_stale, fsync_tree, replace_dir, write_failure
 from .objectives.base import Batch
+from .memory import trim_heap
 from .optim import EMA, apply_impl, make_optimizer, warmup_scheduler
 
 CKPT_PREFIX = "checkpoint-"
@@ -193,6 +194,7 @@ class Trainer:
         self.fsdp = sharding.enable_cpu_fsdp(self.acc) or sharding.is_fsdp(self.acc)  # FSDP2 (fewstep.sharding)
         sharding.configure_deepspeed(self.acc, cfg)
         self.device = self.acc.device
+        self._trim_heap = self.device.type == "cpu" and tc.gradient_checkpointing
         teacher.to(self.device)
         self.names = list(objective.networks().keys())
         modules = [objective.networks()[n].to(self.device) for n in self.names]
@@ -450,6 +452,8 @@ class Trainer:
             if group in self.schedulers:
                 self.schedulers[group].step()
             opt.zero_grad(set_to_none=True)  # free this group's gradients before the next group's forward (memory)
+            if self._trim_heap:  # a CPU run saving memory: the freed gradients back to the OS before the next group
+                trim_heap()
             if group == "student" and self.ema is not None:
                 self.ema.step(self._trainable(self.plain["student"]))
             self.obj.after_step(group, self.step)
