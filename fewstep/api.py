@@ -189,9 +189,11 @@ def distill(cfg, log=print) -> dict:
         getattr(opt, "optimizer", opt).state.clear()
     for m in trainer.plain.values():
         m.zero_grad(set_to_none=True)
+    if teacher.exports_pipeline:  # the critic (and any other trained network) is checkpointed and not exported
+        _drop_weights(n for g, n in objective.networks().items() if g != "student")
     from .memory import release_unused
 
-    release_unused()
+    release_unused()  # what training held goes back to the OS before the export allocates its shards
     metrics: dict = {"objective": objective.name, "student_steps": objective.steps,
                      "num_processes": trainer.acc.num_processes, **fit}
     # under FSDP a collective (every process gathers its shards; the main process gets the whole student)
@@ -206,6 +208,15 @@ def distill(cfg, log=print) -> dict:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     trainer.end()
     return metrics
+
+
+def _drop_weights(networks) -> None:
+    """Free the storage of every parameter these networks register (after training: the final checkpoint holds
+    them).  An adapter on the shared base registers only its own weights, so the base stays; for an SDXL-size LoRA
+    critic that is 0.8 GB, for a full one 10 GB, that the export's writes would otherwise stack on."""
+    for net in networks:
+        for p in net.parameters():
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
 
 
 def load_run(run_dir: str):

@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # torch is imported by the functions that use it: LORA_TARGET
 # and time projection, and the down/up-sampler convs (tests/test_shared_base.py checks each on an SDXL-shaped UNet)
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                 "conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv"]
-SHARD_BYTES = 512 * 2**20  # merged-export shard size (safetensors serialises a shard in memory before writing it)
+SHARD_BYTES = 256 * 2**20  # merged-export shard size (safetensors serialises a shard in memory before writing it)
 
 
 # ---- the peft layers of a network ---------------------------------------------------------------
