@@ -117,8 +117,8 @@ def estimate(unet: dict[str, tuple], others: dict[str, int], *, dtype: str, cpu:
     b = BYTES[dtype]
     p = numel(unet)
     encoders = b * sum(v for k, v in others.items() if k != "vae")
-    # the VAE in float32 (force_upcast: fewstep.teachers.unet.upcast_vae), the text encoders in the teacher's dtype
-    parts = {"teacher denoiser": b * p, "VAE": 4 * others.get("vae", 0)}
+    # the VAE and text encoders in the teacher's dtype (the VAE goes float32 only while it encodes or decodes)
+    parts = {"teacher denoiser": b * p, "VAE": b * others.get("vae", 0)}
     if not free_text_encoders:
         parts["text encoders"] = encoders
     adam = ADAM_BYTES[optimizer]

@@ -37,6 +37,24 @@ def run_cli(*args, timeout=600, env=None, cwd=None):
                           timeout=timeout, env=e, cwd=cwd or ROOT)
 
 
+def run_cli_here(*args):
+    """``fewstep ARGS`` in this process (``fewstep.cli.main``): for checks of the CLI's messages and exit codes that do
+    not need a fresh interpreter (each fresh one pays ~10 s of torch/diffusers imports).  Returns a CompletedProcess;
+    an exception that escapes ``main`` (a traceback, from a fresh process) fails the test."""
+    import contextlib
+    import io
+
+    from fewstep.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse errors
+            code = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess(["fewstep", *map(str, args)], code or 0, out.getvalue(), err.getvalue())
+
+
 def assert_same_students(run_a, run_b):
     """The exported GMM students (``RUN/student/student.safetensors``) of two runs are equal, bit for bit."""
     import torch

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli_here
 from test_consistency import CHECK, _build, _cfg, _distill, _init_endpoint_error
 
 
@@ -86,8 +86,8 @@ def test_boot_opens_no_data(tmp_path, monkeypatch, capsys):
 
 
 def test_boot_warns_on_images_from_the_cli(tmp_path):
-    r = run_cli("distill", "configs/gmm_boot.yaml", f"data.images={tmp_path}", "train.max_steps=2",
-                "train.checkpoint_every=2", "train.tracker=none", f"output_dir={tmp_path}/run")
+    r = run_cli_here("distill", "configs/gmm_boot.yaml", f"data.images={tmp_path}", "train.max_steps=2",
+                     "train.checkpoint_every=2", "train.tracker=none", f"output_dir={tmp_path}/run")
     assert r.returncode == 0, r.stderr[-2000:]
     warn = [l for l in r.stderr.splitlines() if l.startswith("fewstep: warning:")]
     assert len(warn) == 1 and "data-free" in warn[0] and "data.images" in warn[0]
@@ -128,13 +128,14 @@ def test_sdxl_boot_export_roundtrip(tiny_pipelines, prompts_file, tmp_path):
     """One-step export: pipe(prompt, num_inference_steps=1, guidance_scale=0) == the training sampler, same noise;
     trained with no image folder at all."""
     run = tmp_path / "run"
-    r = run_cli("distill", "configs/sdxl_boot.yaml", f"teacher.path={tiny_pipelines['sdxl']}", "teacher.dtype=float32",
-                "train.max_steps=3", "train.batch_size=2", "train.mixed_precision=no", "train.checkpoint_every=2",
-                "train.sample_every=0", "train.lr=1e-3", f"data.prompts={prompts_file}", f"output_dir={run}")
+    r = run_cli_here("distill", "configs/sdxl_boot.yaml", f"teacher.path={tiny_pipelines['sdxl']}",
+                     "teacher.dtype=float32", "train.max_steps=3", "train.batch_size=2", "train.mixed_precision=no",
+                     "train.checkpoint_every=2", "train.sample_every=0", "train.lr=1e-3", f"data.prompts={prompts_file}",
+                     f"output_dir={run}")  # in-process; the export is reloaded in a fresh process below
     assert r.returncode == 0, r.stderr[-3000:]
     p = subprocess.run([sys.executable, "-c", CHECK, str(run)], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    res = json.loads(p.stdout.split("RESULT ", 1)[1])
+    res = json.loads(p.stdout.split("RESULT ", 1)[1])[str(run)]  # (test_consistency's CHECK: results by run)
     assert res["class"] == "StableDiffusionXLPipeline" and res["scheduler"] == "LCMScheduler"
     assert res["timesteps"] == [999] and res["info"]["num_inference_steps"] == 1
     assert res["max_diff"] < 1e-3, res

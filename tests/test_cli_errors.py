@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, run_cli_here
 
 
 def _one_line_error(r, *needles):
@@ -19,17 +19,17 @@ def _one_line_error(r, *needles):
 
 
 def test_missing_teacher_path(tmp_path):
-    r = run_cli("distill", "configs/gmm_dmd2.yaml", f"teacher.path={tmp_path}/nope", f"output_dir={tmp_path}/run")
+    r = run_cli_here("distill", "configs/gmm_dmd2.yaml", f"teacher.path={tmp_path}/nope", f"output_dir={tmp_path}/run")
     _one_line_error(r, "nope")
 
 
 def test_teacher_folder_without_model_index(tmp_path):
-    r = run_cli("distill", "configs/gmm_dmd2.yaml", f"teacher.path={tmp_path}", f"output_dir={tmp_path}/run")
+    r = run_cli_here("distill", "configs/gmm_dmd2.yaml", f"teacher.path={tmp_path}", f"output_dir={tmp_path}/run")
     _one_line_error(r, "model_index.json")
 
 
 def test_unknown_objective_lists_known(tmp_path):
-    r = run_cli("distill", "configs/gmm_dmd2.yaml", "objective.name=dmd3", f"output_dir={tmp_path}/run")
+    r = run_cli_here("distill", "configs/gmm_dmd2.yaml", "objective.name=dmd3", f"output_dir={tmp_path}/run")
     line = _one_line_error(r, "dmd3", "dmd2", "dmd")
 
 
@@ -44,9 +44,9 @@ def test_missing_config_file(tmp_path):
 
 
 def test_unknown_key_suggests_nearest(tmp_path):
-    r = run_cli("distill", "configs/gmm_dmd2.yaml", "train.max_step=3", f"output_dir={tmp_path}/run")
+    r = run_cli_here("distill", "configs/gmm_dmd2.yaml", "train.max_step=3", f"output_dir={tmp_path}/run")
     _one_line_error(r, "train.max_step", "train.max_steps")
-    r = run_cli("distill", "configs/gmm_dmd2.yaml", "objective.critic_step=3", f"output_dir={tmp_path}/run")
+    r = run_cli_here("distill", "configs/gmm_dmd2.yaml", "objective.critic_step=3", f"output_dir={tmp_path}/run")
     _one_line_error(r, "objective.critic_step", "objective.critic_steps")
 
 
@@ -56,15 +56,15 @@ def test_student_steps_out_of_range(tmp_path):
 
 
 def test_gan_needs_images(tiny_pipelines, prompts_file, tmp_path):
-    r = run_cli("distill", "configs/sd15_dmd2.yaml", f"teacher.path={tiny_pipelines['sd15']}", "teacher.dtype=float32",
-                f"data.prompts={prompts_file}", "objective.gan_weight=0.01", "data.images=null",
-                f"output_dir={tmp_path}/run")
+    r = run_cli_here("distill", "configs/sd15_dmd2.yaml", f"teacher.path={tiny_pipelines['sd15']}", "teacher.dtype=float32",
+                     f"data.prompts={prompts_file}", "objective.gan_weight=0.01", "data.images=null",
+                     f"output_dir={tmp_path}/run")
     _one_line_error(r, "gan_weight", "data.images")
 
 
 def test_text_teacher_needs_prompts(tiny_pipelines, tmp_path):
-    r = run_cli("distill", "configs/sd15_dmd2.yaml", f"teacher.path={tiny_pipelines['sd15']}", "data.prompts=null",
-                f"output_dir={tmp_path}/run")
+    r = run_cli_here("distill", "configs/sd15_dmd2.yaml", f"teacher.path={tiny_pipelines['sd15']}", "data.prompts=null",
+                     f"output_dir={tmp_path}/run")
     _one_line_error(r, "data.prompts")
 
 
@@ -72,7 +72,7 @@ def test_corrupt_checkpoint_on_resume(tmp_path):
     run = tmp_path / "run"
     base = ["distill", "configs/gmm_dmd2.yaml", "train.max_steps=4", "train.checkpoint_every=2",
             "train.batch_size=32", f"output_dir={run}"]
-    assert run_cli(*base).returncode == 0
+    assert run_cli_here(*base).returncode == 0  # the run to corrupt: in-process; the resume below is a fresh one
     ck = sorted((run / "checkpoints").glob("checkpoint-*"))[-1]
     (ck / "model.safetensors").write_bytes(b"not a safetensors file")
     r = run_cli(*base[:2], "train.max_steps=6", *base[3:])

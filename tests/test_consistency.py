@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, run_cli_here
 
 
 def _cfg(config, tmp_path, *overrides):
@@ -445,61 +445,74 @@ import json, sys, torch
 from diffusers import DiffusionPipeline
 from fewstep.api import load_run
 from fewstep.export import check_roundtrip
-run = sys.argv[1]
-info = json.load(open(run + "/pipeline/fewstep.json"))
-cfg, teacher, data, obj = load_run(run)
-student = obj.student
-student.net = type(student.net).from_pretrained(run + "/pipeline/unet")
-proj = student.net.config.time_cond_proj_dim
-if proj:  # make the embedding matter (3 training steps barely move it), in the folder and the student alike
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        student.net.time_embedding.cond_proj.weight.copy_(0.05 * torch.randn(
-            student.net.time_embedding.cond_proj.weight.shape, generator=g))
-    student.net.save_pretrained(run + "/pipeline/unet")
-pipe = DiffusionPipeline.from_pretrained(run + "/pipeline")
-pipe.scheduler.set_timesteps(info["num_inference_steps"])
-out = {"class": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__, "proj": proj,
-       "timesteps": pipe.scheduler.timesteps.tolist(), "info": info}
-prompts = ["a red dog", "a photo of a cat"]
-out["max_diff"] = check_roundtrip(run + "/pipeline", obj, teacher, student, prompts)
-if proj and obj.name == "consistency":
-    out["max_diff_s5"] = check_roundtrip(run + "/pipeline", obj, teacher, student, prompts[:1], guidance_scale=5.0)
-    noise = torch.randn((1, *teacher.sample_shape), generator=torch.Generator().manual_seed(0))
-    cond = teacher.conditions_for_prompts(prompts[:1])
-    a = obj.sample(student, noise, cond, generator=torch.Generator().manual_seed(1), guidance_scale=5.0)
-    b = obj.sample(student, noise, cond, generator=torch.Generator().manual_seed(1))
-    out["guidance_effect"] = float((a - b).abs().max())
-print("RESULT " + json.dumps(out))
+results = {}
+for run in sys.argv[1:]:
+    info = json.load(open(run + "/pipeline/fewstep.json"))
+    cfg, teacher, data, obj = load_run(run)
+    student = obj.student
+    student.net = type(student.net).from_pretrained(run + "/pipeline/unet")
+    proj = student.net.config.time_cond_proj_dim
+    if proj:  # make the embedding matter (3 training steps barely move it), in the folder and the student alike
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            student.net.time_embedding.cond_proj.weight.copy_(0.05 * torch.randn(
+                student.net.time_embedding.cond_proj.weight.shape, generator=g))
+        student.net.save_pretrained(run + "/pipeline/unet")
+    pipe = DiffusionPipeline.from_pretrained(run + "/pipeline")
+    pipe.scheduler.set_timesteps(info["num_inference_steps"])
+    out = {"class": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__, "proj": proj,
+           "timesteps": pipe.scheduler.timesteps.tolist(), "info": info}
+    prompts = ["a red dog", "a photo of a cat"]
+    out["max_diff"] = check_roundtrip(run + "/pipeline", obj, teacher, student, prompts)
+    if proj and obj.name == "consistency":
+        out["max_diff_s5"] = check_roundtrip(run + "/pipeline", obj, teacher, student, prompts[:1], guidance_scale=5.0)
+        noise = torch.randn((1, *teacher.sample_shape), generator=torch.Generator().manual_seed(0))
+        cond = teacher.conditions_for_prompts(prompts[:1])
+        a = obj.sample(student, noise, cond, generator=torch.Generator().manual_seed(1), guidance_scale=5.0)
+        b = obj.sample(student, noise, cond, generator=torch.Generator().manual_seed(1))
+        out["guidance_effect"] = float((a - b).abs().max())
+    results[run] = out
+print("RESULT " + json.dumps(results))
 """
 
 
-def _sdxl_roundtrip(objective, tiny_pipelines, prompts_file, tmp_path, *overrides):
+@pytest.fixture(scope="module")
+def sdxl_roundtrips(tiny_pipelines, prompts_file, tmp_path_factory):
+    """``fewstep distill`` (in-process, 3 steps) of the consistency and the 2-step SLAM configs on the tiny SDXL, then
+    one fresh process reloads both exports with the stock API and compares."""
     import numpy as np
     from PIL import Image
 
-    imgs = tmp_path / "images"
+    root = tmp_path_factory.mktemp("sdxl_lcm")
+    imgs = root / "images"
     imgs.mkdir()
     rng = np.random.default_rng(0)
     for name in ("a_photo_of_a_cat", "a_red_dog", "blue_flowers"):
         Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(imgs / f"{name}.png")
-    run = tmp_path / "run"
-    r = run_cli("distill", f"configs/sdxl_{objective}.yaml", f"teacher.path={tiny_pipelines['sdxl']}",
-                "teacher.dtype=float32", "train.max_steps=3", "train.batch_size=2", "train.mixed_precision=no",
-                "train.checkpoint_every=2", "train.sample_every=0", "train.lr=1e-3", f"data.prompts={prompts_file}",
-                f"data.images={imgs}", f"output_dir={run}", *overrides)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert list((run / "checkpoints").glob("checkpoint-*"))
-    p = subprocess.run([sys.executable, "-c", CHECK, str(run)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    runs = {"consistency": [], "slam": ["student.steps=2"]}
+    for objective, overrides in runs.items():
+        run = root / objective
+        r = run_cli_here("distill", f"configs/sdxl_{objective}.yaml", f"teacher.path={tiny_pipelines['sdxl']}",
+                         "teacher.dtype=float32", "train.max_steps=3", "train.batch_size=2", "train.mixed_precision=no",
+                         "train.checkpoint_every=2", "train.sample_every=0", "train.lr=1e-3",
+                         f"data.prompts={prompts_file}", f"data.images={imgs}", f"output_dir={run}", *overrides)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert list((run / "checkpoints").glob("checkpoint-*"))
+    p = subprocess.run([sys.executable, "-c", CHECK, *[str(root / o) for o in runs]], capture_output=True, text=True,
+                       cwd=ROOT, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(p.stdout.split("RESULT ", 1)[1])
-    assert res["class"] == "StableDiffusionXLPipeline" and res["scheduler"] == "LCMScheduler"
-    return run, res
+    out = {}
+    for o in runs:
+        r = res[str(root / o)]
+        assert r["class"] == "StableDiffusionXLPipeline" and r["scheduler"] == "LCMScheduler"
+        out[o] = (root / o, r)
+    return out
 
 
-def test_sdxl_consistency_export_roundtrip(tiny_pipelines, prompts_file, tmp_path):
+def test_sdxl_consistency_export_roundtrip(sdxl_roundtrips):
     """Default call pipe(prompt, num_inference_steps=4, guidance_scale=8) == the training sampler, same noise."""
-    run, res = _sdxl_roundtrip("consistency", tiny_pipelines, prompts_file, tmp_path)
+    run, res = sdxl_roundtrips["consistency"]
     assert res["proj"] == 256
     assert res["timesteps"] == [999, 759, 499, 259]
     assert res["info"]["guidance_scale"] == 8.0 and res["info"]["num_inference_steps"] == 4
@@ -509,8 +522,8 @@ def test_sdxl_consistency_export_roundtrip(tiny_pipelines, prompts_file, tmp_pat
     assert "guidance_scale=8.0" in card and "[4, 16]" in card
 
 
-def test_sdxl_slam_export_roundtrip(tiny_pipelines, prompts_file, tmp_path):
-    run, res = _sdxl_roundtrip("slam", tiny_pipelines, prompts_file, tmp_path, "student.steps=2")
+def test_sdxl_slam_export_roundtrip(sdxl_roundtrips):
+    run, res = sdxl_roundtrips["slam"]
     assert res["proj"] == 256 and res["timesteps"] == [999, 499]
     assert res["info"]["guidance_scale"] == 1.0  # 1 selects gamma = 1 in the embedding slot
     assert res["max_diff"] < 1e-3, res

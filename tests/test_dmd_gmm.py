@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_cli_here
 
 
 def _distill(tmp_path, *overrides):
@@ -17,11 +17,18 @@ def _distill(tmp_path, *overrides):
     return distill(cfg, log=lambda *a: None)
 
 
-def test_dmd2_one_step_matches_teacher_distribution(tmp_path):
+@pytest.fixture(scope="module")
+def one_step(tmp_path_factory):
+    """The config's own 1-step run (10k steps), trained once: judged against the teacher, then sampled by the CLI."""
+    root = tmp_path_factory.mktemp("dmd2_1step")
+    return _distill(root), root / "run"
+
+
+def test_dmd2_one_step_matches_teacher_distribution(one_step):
     """One seed: every mode, most samples in a mode, energy distance within 3x the teacher ODE's.  The ratio varies
     with the seed (tools/benchmark.py, 18 seeds: median 1.16, 0.92-2.85), so the 1.5x acceptance is asserted on the
     median of five seeds in test_dmd2_one_step_median_over_seeds (slow)."""
-    m = _distill(tmp_path)
+    m, _ = one_step
     ev = m["eval"]
     assert ev["student"]["modes_covered"] == 8
     assert ev["student"]["in_mode_frac"] > 0.9, m["table"]
@@ -43,9 +50,8 @@ def test_dmd2_one_step_median_over_seeds(tmp_path):
     assert statistics.median(ratios) <= 1.5, ratios
 
 
-def test_sample_command_is_deterministic(tmp_path):
-    _distill(tmp_path, "train.max_steps=50")
-    run = tmp_path / "run"
+def test_sample_command_is_deterministic(one_step, tmp_path):
+    _, run = one_step
     outs = []
     for i in range(2):
         out = tmp_path / f"s{i}.npy"
@@ -65,9 +71,8 @@ def test_sample_command_is_deterministic(tmp_path):
     near = torch.cdist(torch.as_tensor(a).double(), mix.means).argmin(1)
     frac = torch.bincount(near, minlength=8).double() / len(a)
     assert (frac - 0.125).abs().max() < 0.03
-    r = subprocess.run([sys.executable, "-m", "fewstep", "sample", str(run), "--class", "2", "--num-samples", "500",
-                        "--out", str(tmp_path / "c2.npy")], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 0
+    r = run_cli_here("sample", run, "--class", "2", "--num-samples", "500", "--out", tmp_path / "c2.npy")
+    assert r.returncode == 0, r.stderr[-2000:]
     c2 = torch.as_tensor(np.load(tmp_path / "c2.npy")).double()
     assert (torch.cdist(c2, mix.means).argmin(1) == 2).float().mean() > 0.95
 

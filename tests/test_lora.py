@@ -1,17 +1,17 @@
 """LoRA students (peft): trained as adapters, exported merged and as a LoRA file for load_lora_weights."""
 import torch
 
-from conftest import run_cli
+from conftest import run_cli_here
 
 
 def test_lora_student_export(tiny_pipelines, prompts_file, tmp_path):
     from diffusers import DiffusionPipeline, UNet2DConditionModel
 
     run = tmp_path / "run"
-    r = run_cli("distill", "configs/sd15_dmd2.yaml", f"teacher.path={tiny_pipelines['sd15']}", "teacher.dtype=float32",
-                f"data.prompts={prompts_file}", "student.lora_rank=4", "objective.critic_steps=1",
-                "train.max_steps=3", "train.batch_size=2", "train.lr=1e-2", "train.mixed_precision=no",
-                f"output_dir={run}")
+    r = run_cli_here("distill", "configs/sd15_dmd2.yaml", f"teacher.path={tiny_pipelines['sd15']}",
+                     "teacher.dtype=float32", f"data.prompts={prompts_file}", "student.lora_rank=4",
+                     "objective.critic_steps=1", "train.max_steps=3", "train.batch_size=2", "train.lr=1e-2",
+                     "train.mixed_precision=no", f"output_dir={run}")
     assert r.returncode == 0, r.stderr[-3000:]
     out = run / "pipeline"
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
@@ -30,5 +30,5 @@ def test_lora_student_export(tiny_pipelines, prompts_file, tmp_path):
 
 
 def test_lora_on_gmm_is_rejected(tmp_path):
-    r = run_cli("distill", "configs/gmm_dmd2.yaml", "student.lora_rank=4", f"output_dir={tmp_path}/run")
+    r = run_cli_here("distill", "configs/gmm_dmd2.yaml", "student.lora_rank=4", f"output_dir={tmp_path}/run")
     assert r.returncode != 0 and "lora_rank" in r.stderr and "Traceback" not in r.stderr

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, assert_same_students, run_cli
+from conftest import ROOT, assert_same_students, run_cli_here
 
 
 def _objective(schedule="vp", steps=2, **cfg):
@@ -143,7 +143,7 @@ def test_resume_mid_phase_is_exact(tmp_path):
 def test_sample_command_loads_phased_students(tmp_path):
     _run(tmp_path, "r", "student.steps=2", "train.max_steps=4")
     out = tmp_path / "s.npy"
-    r = run_cli("sample", tmp_path / "r", "--num-samples", "100", "--out", out)
+    r = run_cli_here("sample", tmp_path / "r", "--num-samples", "100", "--out", out)
     assert r.returncode == 0, r.stderr[-2000:]
     import numpy as np
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, run_cli_here
 
 ARGS = ["configs/gmm_dmd2.yaml", "train.max_steps=20", "train.checkpoint_every=5", "train.batch_size=2048",
         "train.log_every=1", "train.tracker=none", "objective.critic_steps=2", "train.ema_decay=0.9"]
@@ -26,8 +26,7 @@ def _student(run: Path):
 def test_kill_and_resume_is_exact(tmp_path):
     env = dict(os.environ, FEWSTEP_STEP_SLEEP="0.15")  # slow the steps down so the kill lands mid-run
     a = tmp_path / "straight"
-    r = subprocess.run(_cmd(a), capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert run_cli_here("distill", *ARGS, f"output_dir={a}").returncode == 0  # no kill: in-process, full speed
 
     b = tmp_path / "killed"
     p = subprocess.Popen(_cmd(b), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=env)
@@ -39,7 +38,7 @@ def test_kill_and_resume_is_exact(tmp_path):
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert not (b / "student").exists(), "the run finished before it was killed"
-    r = subprocess.run(_cmd(b), capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    r = run_cli_here("distill", *ARGS, f"output_dir={b}")  # the same command again (in-process: nothing to kill)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from" in r.stdout + r.stderr
     sa, sb = _student(a), _student(b)

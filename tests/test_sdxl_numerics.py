@@ -49,7 +49,8 @@ def test_force_upcast_vae_encodes_and_decodes_in_float32(tmp_path):
     assert torch.isfinite(ref_z).all() and torch.isfinite(ref_img).all()
 
     teacher = DiffusersUNetTeacher(pipe, source=path)
-    assert pipe.vae.dtype == torch.float32 and pipe.unet.dtype == torch.float16  # the UNet stays in its dtype
+    seen = []
+    pipe.vae.decoder.conv_in.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     z = teacher.encode_images(x)
     assert torch.isfinite(z).all()
     torch.testing.assert_close(z, ref_z * pipe.vae.config.scaling_factor, rtol=1e-5, atol=1e-5)
@@ -58,6 +59,8 @@ def test_force_upcast_vae_encodes_and_decodes_in_float32(tmp_path):
     assert torch.isfinite(img).all()
     ref = (ref_vae.decode(z.half().float() / pipe.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
     torch.testing.assert_close(img, ref.detach(), rtol=1e-5, atol=1e-5)
+    assert seen and set(seen) == {torch.float32}  # decoded in float32 ...
+    assert pipe.vae.dtype == torch.float16 and pipe.unet.dtype == torch.float16  # ... and back to fp16 at rest
 
 
 def test_vae_without_force_upcast_keeps_its_dtype(tmp_path):
@@ -72,20 +75,23 @@ def test_vae_without_force_upcast_keeps_its_dtype(tmp_path):
     assert not torch.isfinite(teacher.encode_images(_images())).all()
 
 
-def test_bf16_teacher_load_upcasts_vae_and_export_keeps_weights(tiny_pipelines, tmp_path):
+def test_bf16_teacher_keeps_its_vae_in_bf16_at_rest_and_decodes_in_float32(tiny_pipelines, tmp_path):
     from diffusers import AutoencoderKL
 
     from fewstep.teachers.load import load_diffusers_teacher
 
     teacher = load_diffusers_teacher(tiny_pipelines["sdxl"], dtype="bfloat16")
-    assert teacher.pipe.vae.dtype == torch.float32 and teacher.pipe.unet.dtype == torch.bfloat16
-    assert teacher.pipe.text_encoder.dtype == torch.bfloat16  # only the VAE is upcast
+    vae = teacher.pipe.vae
+    assert vae.dtype == torch.bfloat16 and teacher.pipe.unet.dtype == torch.bfloat16  # no float32 copy held
+    seen = []
+    vae.decoder.conv_in.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     img = teacher.to_images(torch.randn((1, *teacher.sample_shape), generator=torch.Generator().manual_seed(0)))
-    assert img.dtype == torch.float32 and torch.isfinite(img).all()
-    # the upcast is lossless: the VAE's weights are the bf16-loaded ones, exactly
+    assert img.dtype == torch.float32 and torch.isfinite(img).all() and seen == [torch.float32]
+    assert vae.dtype == torch.bfloat16
+    # the round trip through float32 is lossless: the VAE's weights are the bf16-loaded ones, exactly
     bf16 = AutoencoderKL.from_pretrained(tiny_pipelines["sdxl"], subfolder="vae", dtype=torch.bfloat16)
-    for (k, a), (_, b) in zip(teacher.pipe.vae.state_dict().items(), bf16.state_dict().items()):
-        assert torch.equal(a, b.float()), k
+    for (k, a), (_, b) in zip(vae.state_dict().items(), bf16.state_dict().items()):
+        assert a.dtype == b.dtype and torch.equal(a, b), k
 
 
 # ---- 2. the critic's DM-gradient term in float32 ------------------------------------------------------------------

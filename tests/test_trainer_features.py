@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, run_cli_here
 
 
 def _distill(tmp_path, *overrides, name="run"):
@@ -57,18 +57,20 @@ def test_gan_with_images_and_sample_export_cli(tiny_pipelines, prompts_file, tmp
     for i, name in enumerate(["a_photo_of_a_cat", "a_red_dog", "blue_flowers"]):
         Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(imgs / f"{name}.png")
     run = tmp_path / "run"
-    r = run_cli("distill", "configs/sd15_dmd2.yaml", f"teacher.path={tiny_pipelines['sd15']}", "teacher.dtype=float32",
-                f"data.prompts={prompts_file}", f"data.images={imgs}", "objective.gan_weight=0.01",
-                "objective.critic_steps=1", "student.steps=2", "train.max_steps=2", "train.batch_size=2",
-                "train.log_every=1", "train.sample_every=1", "train.mixed_precision=no", f"output_dir={run}")
+    r = run_cli_here("distill", "configs/sd15_dmd2.yaml", f"teacher.path={tiny_pipelines['sd15']}",
+                     "teacher.dtype=float32", f"data.prompts={prompts_file}", f"data.images={imgs}",
+                     "objective.gan_weight=0.01", "objective.critic_steps=1", "student.steps=2", "train.max_steps=2",
+                     "train.batch_size=2", "train.log_every=1", "train.sample_every=1", "train.mixed_precision=no",
+                     f"output_dir={run}")
     assert r.returncode == 0, r.stderr[-3000:]
     hist = json.loads((run / "metrics.json").read_text())["history_tail"]
     assert any("critic/loss_gan_d" in h for h in hist)
     assert (run / "samples" / "step_0000001.png").is_file()
     out = tmp_path / "exported"
-    r = run_cli("export", run, "--out", out)
+    r = run_cli_here("export", run, "--out", out)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (out / "model_index.json").is_file() and (out / "README.md").is_file()
+    # a fresh process loads the export (distill and export above ran in this one)
     r = run_cli("sample", out, "--prompt", "a red dog", "--num-samples", "2", "--out", tmp_path / "grid.png")
     assert r.returncode == 0, r.stderr[-2000:]
     im = Image.open(tmp_path / "grid.png")
@@ -77,7 +79,7 @@ def test_gan_with_images_and_sample_export_cli(tiny_pipelines, prompts_file, tmp
 
 def test_bad_image_folder(tiny_pipelines, prompts_file, tmp_path):
     (tmp_path / "empty").mkdir()
-    r = run_cli("distill", "configs/sd15_dmd2.yaml", f"teacher.path={tiny_pipelines['sd15']}",
-                f"data.prompts={prompts_file}", f"data.images={tmp_path / 'empty'}", "objective.gan_weight=0.01",
-                "train.max_steps=1", "train.batch_size=1", f"output_dir={tmp_path}/run")
+    r = run_cli_here("distill", "configs/sd15_dmd2.yaml", f"teacher.path={tiny_pipelines['sd15']}",
+                     f"data.prompts={prompts_file}", f"data.images={tmp_path / 'empty'}", "objective.gan_weight=0.01",
+                     "train.max_steps=1", "train.batch_size=1", f"output_dir={tmp_path}/run")
     assert r.returncode != 0 and "has no images" in r.stderr and "Traceback" not in r.stderr

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..conditions import Condition, PromptCache
 from ..schedules import RectifiedFlow
 from .base import Denoiser
-from .unet import DiffusersUNetTeacher, TeacherLoadError, upcast_vae
+from .unet import DiffusersUNetTeacher, TeacherLoadError
 
 FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
 
@@ -133,7 +133,6 @@ class DiffusersTransformerTeacher(DiffusersUNetTeacher):
         # SD3: guidance_scale is CFG; Flux: it is the guidance-embedding value (TransformerDenoiser.native)
         super(DiffusersUNetTeacher, self).__init__(denoiser, guidance_scale)
         self.pipe = pipe
-        upcast_vae(pipe)  # float32 VAE where its config asks (force_upcast) and the pipeline is fp16/bf16
         self.source = source
         self.family = kind
         self.prompt_cache = PromptCache(self.encode_prompts)

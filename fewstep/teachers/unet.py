@@ -7,11 +7,12 @@ SD1.5: the empty prompt).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import cache as cache_mod
 from ..conditions import NULL_CLASS, Condition, PromptCache
@@ -32,22 +33,29 @@ def _cache_settings(data, name: str):
 from .base import TeacherLoadError  # noqa: E402  (re-exported: fewstep.teachers.unet.TeacherLoadError)
 
 
-def upcast_vae(pipe) -> bool:
-    """Put ``pipe.vae`` in float32, once and in place, when its config says it overflows in half precision
-    (``force_upcast``: SDXL's VAE gives NaN in fp16) and it was loaded in float16 or bfloat16.  Returns whether it did.
+def vae_needs_upcast(vae) -> bool:
+    """Whether ``vae`` must run in float32: its config says it overflows in half precision (``force_upcast``: SDXL's
+    VAE gives NaN in fp16) and it is held in float16 or bfloat16."""
+    return vae is not None and bool(getattr(vae.config, "force_upcast", False)) and \
+        vae.dtype in (torch.float16, torch.bfloat16)
 
-    The references (diffusers' LCM script, DMD2) keep this VAE in float32 for encoding and decoding; so does fewstep.
-    Cast parameter by parameter (no second copy of the module): SDXL's 84M-parameter VAE grows by 168 MB, small beside
-    its UNet, instead of being up- and down-cast around every call as the stock pipelines do.  An exported pipeline
-    therefore saves this VAE in float32 (a lossless copy of the teacher's weights; diffusers loads every component in
-    float32, or in the ``torch_dtype`` asked for, either way).
-    """
-    vae = getattr(pipe, "vae", None)
-    half = (torch.float16, torch.bfloat16)
-    if vae is None or not getattr(vae.config, "force_upcast", False) or vae.dtype not in half:
-        return False
-    vae.float()  # nn.Module.float: diffusers' .to(dtype) would warn about _keep_in_fp32_modules for nothing
-    return True
+
+@contextmanager
+def float32_vae(vae):
+    """``vae`` in float32 for the duration where :func:`vae_needs_upcast`, then back in its own dtype (lossless both
+    ways), as the stock SDXL pipeline does around its decode.  The references (diffusers' LCM script, DMD2) keep this
+    VAE in float32 for encoding and decoding; so does fewstep, but only while it encodes or decodes: at rest the VAE
+    keeps the pipeline's dtype, so a training step holds no float32 copy (SDXL's: 0.33 GB) and an export writes the
+    teacher's own VAE.  Cast parameter by parameter (``nn.Module.float``: no second copy of the module)."""
+    if not vae_needs_upcast(vae):
+        yield
+        return
+    dtype = vae.dtype
+    vae.float()  # nn.Module.float/to: diffusers' .to(dtype) would warn about _keep_in_fp32_modules for nothing
+    try:
+        yield
+    finally:
+        nn.Module.to(vae, dtype=dtype)
 
 
 def guidance_embedding(w: Tensor, dim: int) -> Tensor:
@@ -160,7 +168,6 @@ class DiffusersUNetTeacher(Teacher):
         prediction = diffusers_prediction(cfg.get("prediction_type", "epsilon"))
         super().__init__(UNetDenoiser(unet, schedule, prediction), guidance_scale)
         self.pipe = pipe
-        upcast_vae(pipe)  # float32 VAE where its config asks (force_upcast) and the pipeline is fp16/bf16
         self.source = source
         self.prompt_cache = PromptCache(self.encode_prompts)
         self.load_options: dict = {}  # revision, variant, dtype of the load (teachers.load): caches, freed components
@@ -383,7 +390,7 @@ class DiffusersUNetTeacher(Teacher):
         out = []
         for i in range(len(z)):  # one image at a time (diffusers' VAE slicing): a float32 SDXL decode of a whole
             # preview grid at 1024^2 would hold gigabytes of activations
-            with torch.autocast(z.device.type, enabled=False):  # the VAE's own dtype (float32 after upcast_vae)
+            with torch.autocast(z.device.type, enabled=False), float32_vae(vae):  # float32 where force_upcast
                 img = vae.decode(z[i:i + 1].to(vae.dtype)).sample
             out.append((img.float() / 2 + 0.5).clamp(0, 1))
         return torch.cat(out)
@@ -396,7 +403,7 @@ class DiffusersUNetTeacher(Teacher):
             return images
         out = []
         for i in range(0, len(images), 16):
-            with torch.autocast(self.device.type, enabled=False):  # the VAE's own dtype (float32 after upcast_vae)
+            with torch.autocast(self.device.type, enabled=False), float32_vae(vae):  # float32 where force_upcast
                 z = vae.encode(images[i:i + 16].to(self.device, vae.dtype)).latent_dist.mean.float()
             if getattr(vae.config, "shift_factor", None):
                 z = z - vae.config.shift_factor
