@@ -140,6 +140,10 @@ def child(spec: dict) -> dict:
         teacher, data, objective = build(cfg)
         trainer = Trainer(cfg, teacher, objective, data, Path(cfg.output_dir), log=lambda *a: None)
         rec["phases"]["built"] = peak()
+        phase = "preparation"  # as fit() does before its first step: prompts encoded, text encoders freed, ...
+        objective.setup(trainer.run_dir, trainer.acc, data)
+        trainer._prepare_real("none")
+        rec["phases"]["prepared"] = peak()
         rec["build_seconds"] = time.time() - t0
         rec["trainable"] = {g: sum(p.numel() for p in m.parameters() if p.requires_grad)
                             for g, m in objective.networks().items()}
