@@ -1,16 +1,14 @@
-"""Run configuration: dataclasses as OmegaConf structured configs, read from YAML with dotted overrides, validated.
-
-Overrides are OmegaConf dotlist items (``train.lr=5e-7``, ``data.prompts=null``) with YAML values (``1e-4`` a float;
-empty: ``""``; not YAML on its own: the string).  OmegaConf checks keys and types (:func:`structured`); fewstep adds
-that strings and booleans are not converted from other types, that integral numbers (``1e3``) are integers, range
-checks, and one-line :class:`ConfigError` s naming the key, the value and what was expected (or the nearest key).
-``objective`` is a plain dict, checked by ``fewstep.api`` against its objective's ``Config`` the same way."""
+"""Run configuration: dataclasses as OmegaConf structured configs, read from YAML with dotted overrides (OmegaConf
+dotlist items, YAML values), validated: OmegaConf checks keys and types (:func:`structured`); fewstep adds no string or
+boolean conversion from other types, integral numbers (``1e3``) as integers, range checks and one-line ConfigErrors
+(key, value, what was expected or the nearest key).  ``objective``: a dict checked against its objective's Config."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field, is_dataclass
 from difflib import get_close_matches
 from functools import reduce
@@ -19,10 +17,6 @@ from typing import Any, Optional, Sequence, get_args, get_type_hints
 import yaml
 from omegaconf import Container, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
-
-__all__ = ["ConfigError", "TeacherConfig", "StudentConfig", "TrainConfig", "DataConfig", "Config", "structured",
-           "load_config", "config_from_dict", "config_to_dict", "dump_config", "validate_config", "flatten"]
-
 
 class ConfigError(ValueError):
     def __init__(self, message: str):  # a one-line, user-facing problem: whitespace (newlines too) collapsed
@@ -79,9 +73,7 @@ class DataConfig:
     images: Optional[str] = None  # folder of images (GAN / consistency terms)
     resolution: Optional[int] = None  # None: from the teacher's own config
     on_bad_image: str = "error"  # error: stop at an unreadable image; skip: leave it out (each one logged)
-    # encoded prompts and image latents, made once before the first step: memory, disk (safetensors shards in
-    # cache_dir, reused by a resumed run), auto (disk when a cache would be larger than cache_memory_mb)
-    cache: str = "auto"
+    cache: str = "auto"  # encoded prompts/latents: memory, disk (shards in cache_dir), auto (disk if > cache_memory_mb)
     cache_dir: Optional[str] = None  # null: OUTPUT_DIR/cache
     cache_memory_mb: float = 1024.0  # data.cache=auto: the largest cache kept in memory
     free_text_encoders: bool = True  # drop the text encoders once every prompt is cached (exports still carry them)
@@ -131,10 +123,8 @@ def _fit(schema: type, raw: dict, prefix: str) -> dict:
                 raise ConfigError(f"config section {dotted!r} must be a mapping, got {value!r:.80}")
             value = _fit(tp, value, dotted + ".") if is_dataclass(tp) else value
         elif base is int and isinstance(value, (float, str)):
-            try:
+            with suppress(ValueError):  # OmegaConf reports it
                 value = int(float(value)) if float(value).is_integer() else value
-            except ValueError:
-                pass  # OmegaConf reports it
         elif base in (str, bool) and value is not None and not isinstance(value, (base, dict, list)):
             raise _type_error(dotted, value, tp)
         out[key] = value
@@ -189,8 +179,8 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
             raise ConfigError(f"override {item!r} {why}")
         if key.startswith("objective.") and isinstance(cfg.get("objective"), str):
             cfg.objective = {"name": cfg.objective}  # the `objective: NAME` shorthand
-        try:
-            try:  # an OmegaConf dotlist item; an empty value, or one that is not YAML on its own: the string
+        try:  # an OmegaConf dotlist item; an empty value, or one that is not YAML on its own: the string
+            try:
                 new = OmegaConf.from_dotlist([f"{key}={text or json.dumps(text)}"])
             except yaml.YAMLError:
                 new = OmegaConf.from_dotlist([f"{key}={json.dumps(text)}"])
@@ -200,26 +190,25 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
     return config_from_dict(OmegaConf.to_container(cfg))
 
 
-_GE0, _GE1, _UNIT, _PATH = ((lambda v: v >= 0, ">= 0"), (lambda v: v >= 1, ">= 1"), (lambda v: 0 <= v < 1, "in [0, 1)"),
-                            (lambda v: v != "", "a path or null"))
-_RES = (lambda v: v is None or v >= 1, "a positive integer or null")
+_GE0, _GE1, _UNIT = (lambda v: v >= 0, ">= 0"), (lambda v: v >= 1, ">= 1"), (lambda v: 0 <= v < 1, "in [0, 1)")
+_PATH, _RES = (lambda v: v != "", "a path or null"), (lambda v: v is None or v >= 1, "a positive integer or null")
+_FIN0 = (lambda v: math.isfinite(v) and v >= 0, ">= 0")
 _RULES: dict[str, tuple] = {  # dotted key -> (test, what it must be), or the allowed values
     "teacher.path": (bool, "non-empty (a hub id, a pipeline folder or gmm:NAME)"),
     "teacher.guidance_scale": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (1 = no guidance)"),
     "teacher.schedule": ("vp", "flow"), "teacher.dtype": ("float32", "float16", "bfloat16"),
-    "student.steps": (lambda v: 1 <= v <= 4, "between 1 and 4"), "student.lora_rank": _GE0,
+    "student.steps": (lambda v: 1 <= v <= 4, "between 1 and 4"),
     "student.lora_alpha": (lambda v: v is None or (math.isfinite(v) and v > 0), "> 0 or null"),
     **dict.fromkeys([f"train.{k}" for k in ("max_steps", "batch_size", "grad_accum", "checkpoint_every",
                                             "keep_checkpoints", "log_every")], _GE1),
-    "train.sample_every": _GE0, "train.lr": (lambda v: math.isfinite(v) and v > 0, "a positive number"),
+    **dict.fromkeys(("train.sample_every", "train.lr_warmup_steps", "student.lora_rank"), _GE0),
+    "train.lr": (lambda v: math.isfinite(v) and v > 0, "a positive number"),
     "train.seed": (lambda v: 0 <= v < 2**32, "between 0 and 2**32 - 1"),
     "train.mixed_precision": ("no", "fp16", "bf16"), "train.tracker": ("tensorboard", "none"),
-    "train.optimizer": ("adamw", "adamw8bit"),
+    "train.optimizer": ("adamw", "adamw8bit"), "train.weight_decay": _FIN0, "data.cache_memory_mb": _FIN0,
     "train.max_grad_norm": (lambda v: math.isfinite(v) and v >= 0, ">= 0 (0 disables clipping)"),
     **dict.fromkeys(("train.adam_beta1", "train.adam_beta2", "train.ema_decay"), _UNIT),
-    "train.weight_decay": (lambda v: math.isfinite(v) and v >= 0, ">= 0"), "train.lr_warmup_steps": _GE0,
     "data.on_bad_image": ("error", "skip"), "data.cache": ("auto", "memory", "disk"), "data.cache_dir": _PATH,
-    "data.cache_memory_mb": (lambda v: math.isfinite(v) and v >= 0, "a number of megabytes >= 0"),
     "data.prompts": _PATH, "data.images": _PATH, "output_dir": (bool, "non-empty"), "data.resolution": _RES,
     "objective.name": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
 }
@@ -235,8 +224,7 @@ def validate_config(cfg: Config) -> Config:
         if not test(value):
             v = str(value).lower().removeprefix("torch.")  # fp16, bf16, torch.float16 ... -> the name we take
             alias = _DTYPE_ALIASES.get(v, v if v in rule else None) if key == "teacher.dtype" else None
-            hint = f"; did you mean {alias!r}?" if alias else ""
-            raise ConfigError(f"{key} must be {expected}, got {value!r:.80}{hint}")
+            raise ConfigError(f"{key} must be {expected}, got {value!r:.80}" + (f"; did you mean {alias!r}?" * bool(alias)))
     return cfg
 
 
