@@ -205,12 +205,12 @@ _RULES: dict[str, tuple] = {  # dotted key -> (test, what it must be), or the al
     "train.lr": (lambda v: math.isfinite(v) and v > 0, "a positive number"),
     "train.seed": (lambda v: 0 <= v < 2**32, "between 0 and 2**32 - 1"),
     "train.mixed_precision": ("no", "fp16", "bf16"), "train.tracker": ("tensorboard", "none"),
-    "train.optimizer": ("adamw", "adamw8bit"), "train.weight_decay": _FIN0, "data.cache_memory_mb": _FIN0,
+    "train.optimizer": ("adamw", "adamw8bit"), "train.weight_decay": _FIN0, "data.resolution": _RES,
+    "data.cache_memory_mb": (_FIN0[0], "a number of megabytes >= 0"), "data.cache": ("auto", "memory", "disk"),
     "train.max_grad_norm": (lambda v: math.isfinite(v) and v >= 0, ">= 0 (0 disables clipping)"),
     **dict.fromkeys(("train.adam_beta1", "train.adam_beta2", "train.ema_decay"), _UNIT),
-    "data.on_bad_image": ("error", "skip"), "data.cache": ("auto", "memory", "disk"), "data.cache_dir": _PATH,
-    "data.prompts": _PATH, "data.images": _PATH, "output_dir": (bool, "non-empty"), "data.resolution": _RES,
-    "objective.name": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "data.on_bad_image": ("error", "skip"), "data.cache_dir": _PATH, "data.prompts": _PATH, "data.images": _PATH,
+    "output_dir": (bool, "non-empty"), "objective.name": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
 }
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
 
