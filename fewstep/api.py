@@ -43,7 +43,7 @@ def build(cfg):
     if not name:
         raise ConfigError(f"objective.name is required; known objectives: {', '.join(known_objectives())}")
     obj_cls, obj_cfg = build_objective_config(name, obj_values)  # validate before the (slow) teacher load
-    from .trainer import progress_mode
+    from .progress import progress_mode
 
     progress_mode(cfg.train.progress)  # likewise
     if cfg.train.optimizer == "adamw8bit":

@@ -58,6 +58,17 @@ class Batch:
     def randint(self, high: int) -> int:
         return int(torch.randint(high, (1,), generator=self.generator))
 
+    def handed_or_rollout(self, key: str, rollout, who: str) -> tuple:
+        """What the student left in :attr:`shared` under ``key`` this step (it updated first: its detached samples
+        and their conditions), else ``rollout(cond)``, under ``no_grad``, which returns the same tuple."""
+        handed = self.shared.get(key) if self.shared is not None else None
+        if handed is not None:
+            return handed
+        if self.cond is None:
+            raise RuntimeError(f"{who} critic step without conditions and without the student's samples")
+        with torch.no_grad():
+            return rollout(self.cond)
+
 
 @dataclass
 class ObjectiveConfig:

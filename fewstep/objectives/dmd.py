@@ -388,18 +388,13 @@ class DMD2(Objective):
         c = self.config
         student, critic = _plain(nets["student"]), nets["critic"]
         per_exit = _plain(critic).num_exits > 1
-        handed = batch.shared.get("dmd2_fake") if batch.shared is not None else None
-        if handed is not None:  # the student updated in this step: its detached samples, no second rollout
-            fake, exits, cond = handed
-        elif batch.cond is None:
-            raise RuntimeError("dmd2 critic step without conditions and without the student's samples of this step")
-        elif per_exit:  # every critic on its own exit's x0 for the whole batch (one K-step rollout gives them all)
-            fake, exits, cond = self._all_exits(student, batch, batch.cond)
-        else:
-            with torch.no_grad():
-                x_in, t_in, exits = self._backward_simulation(student, batch, batch.cond)
-                fake = student(x_in, t_in, batch.cond)
-            cond = batch.cond
+        def rollout(cond):
+            if per_exit:  # every critic on its own exit's x0 for the whole batch (one K-step rollout gives them all)
+                return self._all_exits(student, batch, cond)
+            x_in, t_in, exits = self._backward_simulation(student, batch, cond)
+            return student(x_in, t_in, cond), exits, cond
+
+        fake, exits, cond = batch.handed_or_rollout("dmd2_fake", rollout, "dmd2")
         xt, t, eps = self._noised(fake, batch, c.critic_t_min, 1.0)
         pred_kind = _plain(critic).denoiser.prediction
         target = self.teacher.schedule.target(pred_kind, fake, eps, t)

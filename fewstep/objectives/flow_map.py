@@ -229,16 +229,11 @@ class FlowMap(Objective):
         """Flow matching on the student's re-noised samples (the "fake" velocity field)."""
         c = self.config
         student, critic = _plain(nets["student"]), nets["critic"]
-        handed = batch.shared.get("flow_map_fake") if batch.shared is not None else None
-        if handed is not None:  # the student updated in this step: its detached samples, no second rollout
-            fake, cond = handed
-        elif batch.cond is None:
-            raise RuntimeError("flow_map critic step without conditions and without the student's samples")
-        else:
-            cond = batch.cond
-            with torch.no_grad():
-                x, t0 = self._start(student, batch, cond)
-                fake, _ = jump(student, x, t0, t0, cond)
+        def rollout(cond):
+            x, t0 = self._start(student, batch, cond)
+            return jump(student, x, t0, t0, cond)[0], cond
+
+        fake, cond = batch.handed_or_rollout("flow_map_fake", rollout, "flow_map")
         r = c.critic_t_min + (1.0 - c.critic_t_min) * batch.rand(fake.shape[0])
         eps = batch.randn(fake.shape)
         xr = self.teacher.schedule.add_noise(fake, eps, r)

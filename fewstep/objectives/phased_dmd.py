@@ -449,16 +449,12 @@ class PhasedDMD(Objective):
     def _critic_loss(self, batch: Batch, nets, k: int) -> LossOutput:
         c = self.config
         critic = nets["critic"]
-        handed = batch.shared.get("phased_x_s") if batch.shared is not None else None
-        if handed is not None:  # the student updated in this step: its detached x_{t_{k+1}}, no second rollout
-            x_s, cond = handed
-        elif batch.cond is None:
-            raise RuntimeError("phased_dmd critic step without conditions and without the student's samples")
-        else:
-            cond = batch.cond
-            with torch.no_grad():
-                x_in = self._phase_input(_plain(nets["student"]), batch, k)
-                _, x_s = self._step(_plain(nets["student"]), x_in, k, cond, batch.randn)
+        student = _plain(nets["student"])
+
+        def rollout(cond):  # the critic-only step's own x_{t_{k+1}}
+            return self._step(student, self._phase_input(student, batch, k), k, cond, batch.randn)[1], cond
+
+        x_s, cond = batch.handed_or_rollout("phased_x_s", rollout, "phased_dmd")
         t = self._sub_times(k, c.critic_t_min, 1.0, batch)
         kind = _plain(critic).denoiser.prediction
         xt, target, weight = self.critic_targets(kind, x_s, k, t, batch)
