@@ -64,7 +64,8 @@ def build(cfg):
         images = None
     data = DataSource(cfg.data.prompts, images, on_bad_image=cfg.data.on_bad_image, min_images=cfg.train.batch_size,
                       cache=cfg.data.cache, cache_dir=cfg.data.cache_dir or str(Path(cfg.output_dir) / "cache"),
-                      cache_memory_mb=cfg.data.cache_memory_mb, free_text_encoders=cfg.data.free_text_encoders)
+                      cache_memory_mb=cfg.data.cache_memory_mb, free_text_encoders=cfg.data.free_text_encoders,
+                      free_vae=cfg.data.free_vae)
     if teacher.text_conditioned and not cfg.data.prompts and not obj_cls.data_free:
         raise ConfigError(f"teacher {cfg.teacher.path} is text-conditioned: set data.prompts to a text file, one prompt a line")
     if cfg.data.prompts and not Path(cfg.data.prompts).is_file():

@@ -77,6 +77,7 @@ class DataConfig:
     cache_dir: Optional[str] = None  # null: OUTPUT_DIR/cache
     cache_memory_mb: float = 1024.0  # data.cache=auto: the largest cache kept in memory
     free_text_encoders: bool = True  # drop the text encoders once every prompt is cached (exports still carry them)
+    free_vae: bool = True  # drop the VAE once image latents are cached; reloaded for sample grids, written at export
 
 
 @dataclass

@@ -183,7 +183,7 @@ class DataSource:
 
     def __init__(self, prompts: Optional[str] = None, images: Optional[str] = None, on_bad_image: str = "error",
                  min_images: int = 1, cache: str = "auto", cache_dir: Optional[str] = None,
-                 cache_memory_mb: float = 1024.0, free_text_encoders: bool = False):
+                 cache_memory_mb: float = 1024.0, free_text_encoders: bool = False, free_vae: bool = False):
         self.prompts_path = prompts
         self.images_path = images
         self.on_bad_image = on_bad_image  # "error": an unreadable image stops the run; "skip": it is left out
@@ -195,6 +195,7 @@ class DataSource:
         self.cache_dir = cache_dir
         self.cache_memory_mb = cache_memory_mb
         self.free_text_encoders = free_text_encoders
+        self.free_vae = free_vae  # likewise the VAE, once image latents are cached (data.free_vae)
         self._prompts: Optional[list[str]] = None
         self._images: Optional[list[Path]] = None
         self.opened: list[str] = []  # what was actually read (data-free objectives assert this stays empty)

@@ -106,19 +106,22 @@ def network_bytes(kind: str, p: int, lora: int, mixed: bool, adam: int = 8) -> d
 def estimate(unet: dict[str, tuple], others: dict[str, int], *, dtype: str, cpu: bool, student: str, critic: str,
              lora_rank: int, critic_rank: int, targets, batch: int, latent_hw: tuple, mixed: bool, ema: bool = False,
              critics: int = 1, gan: bool = False, optimizer: str = "adamw", checkpointing: bool = False,
-             free_text_encoders: bool = False) -> dict:
+             free_text_encoders: bool = False, free_vae: bool = False) -> dict:
     """Peak bytes by part.  ``unet``: the denoiser's tensor shapes; ``others``: weight counts of the other pipeline
     modules; ``student`` / ``critic``: ``full``, ``lora`` (own copy) or ``shared`` (adapter on the teacher).
 
     ``free_text_encoders``: the encoders are in memory only while prompts are encoded, before any training state
-    exists; the total is then the larger of that phase and the training phase (the part is listed, not summed)."""
+    exists; the total is then the larger of that phase and the training phase (the part is listed, not summed).
+    ``free_vae``: likewise the VAE, which comes back (float32) only for a preview's decode, when no gradients or
+    activations are held."""
     if cpu and dtype == "float16":
         dtype = "float32"
     b = BYTES[dtype]
     p = numel(unet)
     encoders = b * sum(v for k, v in others.items() if k != "vae")
     # the VAE and text encoders in the teacher's dtype (the VAE goes float32 only while it encodes or decodes)
-    parts = {"teacher denoiser": b * p, "VAE": b * others.get("vae", 0)}
+    vae = b * others.get("vae", 0)
+    parts = {"teacher denoiser": b * p, "VAE": 0 if free_vae else vae}
     if not free_text_encoders:
         parts["text encoders"] = encoders
     adam = ADAM_BYTES[optimizer]
@@ -140,9 +143,14 @@ def estimate(unet: dict[str, tuple], others: dict[str, int], *, dtype: str, cpu:
     parts = {k: float(v) for k, v in parts.items() if v}
     total = sum(parts.values())
     if free_text_encoders and encoders:  # the encoding phase: base, VAE, encoders, process; nothing trained yet
-        before = parts["teacher denoiser"] + parts.get("VAE", 0) + encoders + parts.get("process (torch, libraries)", 0)
+        before = parts["teacher denoiser"] + vae + encoders + parts.get("process (torch, libraries)", 0)
         total = max(total, before)
         parts["text encoders (freed before training; not summed)"] = float(encoders)
+    if free_vae and vae:  # a preview: the VAE back in float32, no gradients or activations
+        preview = (total - parts.get("gradients (one group at a time)", 0) - parts.get("activations (rough)", 0)
+                   + 4 * others.get("vae", 0))
+        total = max(total, preview)
+        parts["VAE (freed before training, back for previews; not summed)"] = float(vae)
     return {"parts": parts, "total": total, "dtype": dtype, "params": p,
             "student_lora_params": lora_numel(unet, targets, lora_rank) if student != "full" else 0,
             "critic_lora_params": lora_numel(unet, targets, critic_rank) if critic != "full" else 0}
@@ -247,4 +255,5 @@ def estimate_config(cfg, cpu: Optional[bool] = None, source: Optional[tuple] = N
                     ema=cfg.train.ema_decay > 0, critics=cfg.student.steps if per_exit else 1,
                     gan=float(obj.get("gan_weight", 0) or 0) > 0, optimizer=cfg.train.optimizer,
                     checkpointing=cfg.train.gradient_checkpointing,
-                    free_text_encoders=bool(getattr(cfg.data, "free_text_encoders", False)))
+                    free_text_encoders=bool(getattr(cfg.data, "free_text_encoders", False)),
+                    free_vae=bool(getattr(cfg.data, "free_vae", False)))

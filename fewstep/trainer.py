@@ -388,8 +388,17 @@ class Trainer:
                 if self._any_process(~(torch.isfinite(loss_sum) & torch.isfinite(gnorm.to(loss_sum.device)))):
                     raise TrainingDiverged(f"non-finite loss or gradient in group '{group}' at step {self.step}")
             logs[f"{group}/grad_norm"] = gnorm
-            logs[f"{group}/lr"] = self._raw_opts[group].param_groups[0]["lr"]  # this update's (warm-up) lr
+            pgs = self._raw_opts[group].param_groups
+            factor = self.obj.lr_factor(group, self.step)
+            if factor != 1.0:  # the objective's own factor (e.g. a warm-up after a phase start), for this update only
+                base_lrs = [pg["lr"] for pg in pgs]
+                for pg in pgs:
+                    pg["lr"] = pg["lr"] * factor
+            logs[f"{group}/lr"] = pgs[0]["lr"]  # this update's (warm-up) lr
             opt.step()
+            if factor != 1.0:
+                for pg, lr in zip(pgs, base_lrs):
+                    pg["lr"] = lr
             if group in self.schedulers:
                 self.schedulers[group].step()
             opt.zero_grad(set_to_none=True)  # free this group's gradients before the next group's forward (memory)
@@ -495,7 +504,8 @@ class Trainer:
 
     def _prepare_real(self, mode: str) -> None:
         """Real samples that any step will ask for (e.g. ``data.images`` VAE-encoded), then every prompt of the run
-        (``teacher.prepare_conditions``: encoded into the prompt cache, the text encoders freed after): prepared now,
+        (``teacher.prepare_conditions``: encoded into the prompt cache, the text encoders freed after; then, with
+        ``data.free_vae``, the VAE freed too): prepared now,
         once, with a progress bar (``mode`` bar) or a line (lines), so that no training step pays for them.  With
         several processes the local main process goes first (it writes the disk caches; the others then read them)."""
         main = self.acc.is_local_main_process
@@ -509,6 +519,8 @@ class Trainer:
                 self.teacher.prepare_conditions(self.data, **kw)
             if many:
                 self.acc.wait_for_everyone()
+        if self.data is not None and self.data.free_vae:  # every latent is cached now: the VAE only for previews
+            self.teacher.free_vae(kw["log"])
 
     def _checked_save(self, last_good) -> Path:
         if not self._params_finite():

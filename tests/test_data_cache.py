@@ -261,6 +261,7 @@ def test_run_frees_encoders_resumes_from_cache_and_exports(tiny_pipelines, promp
     tr, teacher, obj, calls = _run(tiny_pipelines["sdxl"], prompts_file, images, out, 2)
     assert calls == {"prompts": 1, "images": 1}  # every prompt and every image encoded once, before the first step
     assert teacher.pipe.text_encoder is None and teacher.pipe.text_encoder_2 is None
+    assert teacher.pipe.vae is None and data_vae_freed(teacher)  # data.free_vae (default): latents cached, VAE gone
     assert tr.step == 2 and (out / "cache" / "prompts" / "index.json").is_file()
     assert (out / "cache" / "latents" / "index.json").is_file()
     assert set(teacher.prompt_cache._rows) == set(PROMPTS) | {"a green tree", "a red dog", "img 2", "img 3", "img 4"}
@@ -275,6 +276,7 @@ def test_run_frees_encoders_resumes_from_cache_and_exports(tiny_pipelines, promp
     index = json.loads((folder / "model_index.json").read_text())
     assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
     assert index["text_encoder_2"] == ["transformers", "CLIPTextModelWithProjection"]
+    assert index["vae"] == ["diffusers", "AutoencoderKL"]
     pipe = DiffusionPipeline.from_pretrained(str(folder))
     pipe.set_progress_bar_config(disable=True)
     assert pipe.text_encoder is not None and pipe.text_encoder_2 is not None
@@ -284,3 +286,42 @@ def test_run_frees_encoders_resumes_from_cache_and_exports(tiny_pipelines, promp
     src = DiffusionPipeline.from_pretrained(tiny_pipelines["sdxl"])
     sd = src.text_encoder_2.state_dict()
     assert all(torch.equal(pipe.text_encoder_2.state_dict()[k], v) for k, v in sd.items())
+    assert all(torch.equal(pipe.vae.state_dict()[k], v) for k, v in src.vae.state_dict().items())
+
+
+def data_vae_freed(teacher) -> bool:
+    return teacher.freed_components.get("vae") == ("diffusers", "AutoencoderKL")
+
+
+def test_freed_vae_decodes_the_same_and_is_kept_when_it_cannot_come_back(tiny_pipelines, tmp_path):
+    """data.free_vae: after free_vae the pipeline holds no VAE (gone from memory); previews load it for their decode
+    and give the same images; a teacher whose source cannot give the VAE back keeps it."""
+    t = _teacher(tiny_pipelines["sdxl"])
+    x0 = torch.randn(2, *t.sample_shape, generator=torch.Generator().manual_seed(0))
+    before = t.to_images(x0)
+    ref = weakref.ref(t.pipe.vae)
+    assert t.free_vae() is True
+    gc.collect()
+    assert t.pipe.vae is None and ref() is None and data_vae_freed(t)
+    after = t.to_images(x0)
+    assert after.shape == before.shape and torch.equal(after, before)
+    assert t.pipe.vae is None  # loaded for the decode only
+    assert t.free_vae() is False  # nothing left to free
+    kept = _teacher(tiny_pipelines["sdxl"])
+    kept.source = str(tmp_path / "gone")  # a folder without the VAE: it could not be reloaded
+    assert kept.free_vae() is False and kept.pipe.vae is not None
+
+
+def test_free_vae_off_keeps_the_vae(tiny_pipelines, prompts_file, tmp_path):
+    from fewstep.trainer import Trainer
+
+    cfg = load_config("configs/sd15_dmd2.yaml", [
+        f"teacher.path={tiny_pipelines['sd15']}", "teacher.dtype=float32", "student.steps=1", "data.free_vae=false",
+        f"data.prompts={prompts_file}", "train.max_steps=1", "train.batch_size=1", "train.mixed_precision=no",
+        "train.tracker=none", "train.progress=none", f"output_dir={tmp_path / 'run'}", "train.sample_every=0"])
+    teacher, data, obj = build(cfg)
+    assert data.free_vae is False
+    tr = Trainer(cfg, teacher, obj, data, tmp_path / "run", log=lambda *a: None)
+    tr._prepare_real("none")
+    assert teacher.pipe.vae is not None and "vae" not in teacher.freed_components
+    tr.end()

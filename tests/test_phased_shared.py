@@ -81,3 +81,33 @@ def test_anchored_run_resumes_mid_phase_exactly(tmp_path):
     assert sa.keys() == sb.keys()
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
+
+
+def test_reset_warmup_ramps_the_students_lr_after_each_phase_start(tmp_path):
+    """objective.reset_warmup_steps: after a phase start that cleared the student's Adam state, its lr ramps from
+    lr / W to lr over W steps; the critic's is untouched, and nothing ramps without the reset or in phase 0."""
+    from fewstep.api import build
+    from fewstep.config import load_config
+    from fewstep.trainer import Trainer
+
+    obj, _ = _dmd2(phase_steps=10, student_opt_reset=True, reset_warmup_steps=4)
+    assert [obj.lr_factor("student", s) for s in range(10)] == [1.0] * 10
+    assert [obj.lr_factor("student", s) for s in range(10, 15)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert [obj.lr_factor("student", s) for s in (30, 31)] == [0.25, 0.5]
+    assert obj.lr_factor("critic", 10) == 1.0
+    assert _dmd2(phase_steps=10, reset_warmup_steps=4)[0].lr_factor("student", 10) == 1.0  # only with the reset
+    cfg = load_config(str(ROOT / "configs" / "gmm_dmd2.yaml"), [
+        "train.tracker=none", f"output_dir={tmp_path}", "teacher.path=gmm:line4", "train.batch_size=16",
+        "student.steps=2", "objective.phase_steps=2", "objective.critic_steps=1", "objective.student_opt_reset=true",
+        "objective.reset_warmup_steps=4", "train.max_steps=4", "train.progress=none"])
+    teacher, data, o = build(cfg)
+    tr = Trainer(cfg, teacher, o, data, tmp_path, log=lambda *a: None)
+    lrs = []
+    for step in range(4):
+        tr.step = step
+        logs = tr.train_step()
+        lrs.append(float(logs["student/lr"]))
+        assert tr._raw_opts["student"].param_groups[0]["lr"] == cfg.train.lr  # the factor is for that update only
+        assert float(logs["critic/lr"]) == cfg.train.lr
+    assert lrs == [cfg.train.lr, cfg.train.lr, cfg.train.lr / 4, cfg.train.lr / 2]
+    tr.end()

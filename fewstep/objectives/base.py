@@ -209,6 +209,12 @@ class Objective:
     def lr_scale(self, group: str) -> float:
         return 1.0
 
+    def lr_factor(self, group: str, step: int) -> float:
+        """A factor on ``group``'s learning rate for its update at ``step`` (e.g. a warm-up after the objective
+        cleared its optimizer state), on top of ``lr_scale`` and ``train.lr_warmup_steps``.  A pure function of
+        ``step``.  Default: 1."""
+        return 1.0
+
     def state_modules(self) -> dict[str, nn.Module]:
         """Objective-owned modules that are not trained by an optimizer but are part of the run's state (e.g. a
         consistency model's EMA target): the trainer moves them to the device and saves/loads them with every

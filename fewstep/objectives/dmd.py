@@ -119,6 +119,7 @@ class DMD2Config(ObjectiveConfig):
     # "phased": clear the student's optimizer state at each exit's phase start, as the critic's. 4 steps, 10k: ring8
     # 3.36x/0.67 -> 1.04x/0.94 (seed 1: 1.01x/0.97), uneq6 0.95x/0.98, but skew3 0.87x/0.96 -> 17.3x/0.68: off
     student_opt_reset: bool = False
+    reset_warmup_steps: int = 0  # with student_opt_reset: the student's lr ramps from 0 over this many steps a phase
     # the critic as a LoRA (peft adapter): null = the student's rank and alpha when the student is a LoRA on the shared
     # base (student.share_base), else a full copy; 0 = a full float32 copy; > 0 = a LoRA of this rank
     critic_lora_rank: Optional[int] = None
@@ -170,7 +171,7 @@ class DMD2(Objective):
                 max_t=c.max_t, critic_steps=c.critic_steps, critic_lr_scale=c.critic_lr_scale,
                 critic_t_min=c.critic_t_min, guidance_scale=c.guidance_scale, gan_weight=c.gan_weight,
                 gan_disc_weight=c.gan_disc_weight, dm_fp32=c.dm_fp32, anchor_weight=c.anchor_weight,
-                student_opt_reset=c.student_opt_reset), teacher,
+                student_opt_reset=c.student_opt_reset, reset_warmup_steps=c.reset_warmup_steps), teacher,
                 student_steps)
             self.student, self.critic = self.phased.student, self.phased.critic
             self.guidance, self.disc_weight, self.reg, self.per_exit = self.phased.guidance, 0.0, None, False
@@ -201,6 +202,9 @@ class DMD2(Objective):
 
     def reset_groups(self, step):
         return self.phased.reset_groups(step) if self.phased is not None else []
+
+    def lr_factor(self, group, step):
+        return self.phased.lr_factor(group, step) if self.phased is not None else 1.0
 
     def export_spec(self):
         spec = super().export_spec()

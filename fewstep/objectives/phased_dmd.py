@@ -72,6 +72,9 @@ class PhasedDMDConfig(ObjectiveConfig):
     # second moments from the earlier phases carry over; clearing them fixes 4-step dmd2 on ring8 (spread 0.67 ->
     # 0.94) but breaks skew3 (0.96 -> 0.68; README "Multi-step students"). null: off (dmd2 passes its own)
     student_opt_reset: Optional[bool] = None
+    # with student_opt_reset: the student's lr ramps linearly from 0 over this many steps after each phase start
+    # (a fresh Adam state otherwise moves every weight by ~lr at its first update); 0: no ramp
+    reset_warmup_steps: int = 0
 
 
 class PhasedStudent(nn.Module):
@@ -187,6 +190,8 @@ class PhasedDMD(Objective):
         self.max_steps: Optional[int] = None
         if c.anchor_weight < 0:
             raise ValueError(f"objective.anchor_weight must be >= 0, got {c.anchor_weight}")
+        if c.reset_warmup_steps < 0:
+            raise ValueError(f"objective.reset_warmup_steps must be >= 0, got {c.reset_warmup_steps}")
         self.anchored = c.anchor_weight > 0 and self.steps > 1 and self.student.num_experts == 1
         self._anchor: Optional[dict] = None  # trainable name -> frozen tensor, taken at the start of _anchor_phase
         self._anchor_phase = -1
@@ -278,6 +283,15 @@ class PhasedDMD(Objective):
                     p.copy_(shard_like(src, p) if hasattr(p, "device_mesh") else src)
         reset = bool(self.config.student_opt_reset)
         return ["critic", "student"] if reset else ["critic"]
+
+    def lr_factor(self, group: str, step: int) -> float:
+        """``reset_warmup_steps``: after a phase start that cleared the student's optimizer state, its lr ramps up
+        linearly (the phase's first student update at lr / W, full lr W steps into the phase)."""
+        w = self.config.reset_warmup_steps
+        if group != "student" or not w or not self.config.student_opt_reset or step < self.phase_length():
+            return 1.0
+        into = step - self.phase(step) * self.phase_length()
+        return min(1.0, (into + 1) / w)
 
     # ---- contract -------------------------------------------------------------------------------
     def networks(self):

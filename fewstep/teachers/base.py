@@ -171,6 +171,11 @@ class Teacher:
         the text encoders: ``data.cache``, ``data.free_text_encoders``), done by the trainer before the first step,
         after :meth:`prepare_real_samples` (whose image captions it encodes too).  Default: none."""
 
+    def free_vae(self, log=None) -> bool:
+        """Drop the image decoder between uses once its training work is cached (``data.free_vae``); previews and
+        exports load it again.  Returns whether it was dropped.  Default: nothing to drop."""
+        return False
+
     def save_freed_components(self, folder) -> None:
         """Write the pipeline components this teacher dropped to save memory (freed text encoders) into an exported
         pipeline ``folder``.  Default: none were dropped."""

@@ -7,6 +7,7 @@ SD1.5: the empty prompt).
 """
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -347,13 +348,62 @@ class DiffusersUNetTeacher(Teacher):
             log(f"fewstep: freed the text encoders ({', '.join(names)}); prompts are served from the cache")
         return names
 
-    def save_freed_components(self, folder) -> None:
-        """Write the text encoders that :meth:`free_text_encoders` dropped into the exported pipeline ``folder`` and
-        name them in its ``model_index.json`` again, one at a time: copied file for file from a local teacher folder
-        loaded without a variant (no memory), else loaded from ``teacher.path`` with the teacher's revision, variant
-        and dtype and saved."""
-        import gc
+    def free_vae(self, log=None) -> bool:
+        """Drop the VAE (``data.free_vae``, once the image latents are cached): a training step never decodes.
+        Sample grids load it again for their decode (:meth:`vae`), an export writes it from the teacher's source
+        (:meth:`save_freed_components`).  Kept when that source cannot give it back (a pipeline built in memory)."""
+        vae = getattr(self.pipe, "vae", None)
+        if vae is None or not self._reloadable("vae"):
+            return False
+        self.freed_components = {**self.freed_components, "vae": tuple(self.pipe.config["vae"])}
+        self.pipe.vae = None
+        del vae
+        from ..memory import release_unused
+
+        release_unused()
+        if log is not None:
+            log("fewstep: freed the VAE (latents are cached); sample grids load it for their decode")
+        return True
+
+    def _reloadable(self, name: str) -> bool:
+        """Whether ``name`` can be loaded again from the teacher's source: a local folder that has it, or a hub id."""
+        if not self.source:
+            return False
+        root = Path(self.source)
+        return (root / name).is_dir() if root.exists() else re.fullmatch(r"[\w.-]+/[\w.-]+", self.source) is not None
+
+    def _load_component(self, name: str, library: str, cls_name: str):
+        """Component ``name`` from the teacher's source, with its revision, variant and dtype (as it was loaded)."""
         import importlib
+
+        opts = self.load_options
+        cls = getattr(importlib.import_module(library), cls_name)
+        return cls.from_pretrained(self.source, subfolder=name, revision=opts.get("revision"),
+                                   variant=opts.get("variant"), torch_dtype=DTYPES[opts.get("dtype", "float32")])
+
+    @contextmanager
+    def vae(self):
+        """The pipeline's VAE (``None`` without one); when :meth:`free_vae` dropped it, a copy loaded from the
+        teacher's source for the duration, on the teacher's device, then dropped again."""
+        vae = getattr(self.pipe, "vae", None)
+        if vae is not None or "vae" not in self.freed_components:
+            yield vae
+            return
+        vae = self._load_component("vae", *self.freed_components["vae"]).to(self.device)
+        try:
+            yield vae
+        finally:
+            del vae
+            from ..memory import release_unused
+
+            release_unused()
+
+    def save_freed_components(self, folder) -> None:
+        """Write the components that :meth:`free_text_encoders` and :meth:`free_vae` dropped into the exported pipeline
+        ``folder`` and name them in its ``model_index.json`` again, one at a time: copied file for file from a local
+        teacher folder loaded without a variant (no memory), else loaded from ``teacher.path`` with the teacher's
+        revision, variant and dtype and saved."""
+        import gc
         import json
         import shutil
 
@@ -362,16 +412,12 @@ class DiffusersUNetTeacher(Teacher):
         folder = Path(folder)
         index_file = folder / "model_index.json"
         index = json.loads(index_file.read_text())
-        opts = self.load_options
         for name, (library, cls_name) in self.freed_components.items():
             src = Path(self.source) / name
-            if src.is_dir() and not opts.get("variant"):
+            if src.is_dir() and not self.load_options.get("variant"):
                 shutil.copytree(src, folder / name)
             else:
-                cls = getattr(importlib.import_module(library), cls_name)
-                module = cls.from_pretrained(self.source, subfolder=name, revision=opts.get("revision"),
-                                             variant=opts.get("variant"),
-                                             torch_dtype=DTYPES[opts.get("dtype", "float32")])
+                module = self._load_component(name, library, cls_name)
                 module.save_pretrained(str(folder / name), safe_serialization=True)
                 del module
                 gc.collect()
@@ -381,33 +427,33 @@ class DiffusersUNetTeacher(Teacher):
     # ---- images -------------------------------------------------------------------------------
     @torch.no_grad()
     def to_images(self, x0: Tensor) -> Tensor:
-        vae = getattr(self.pipe, "vae", None)
-        if vae is None:
-            return (x0.float() / 2 + 0.5).clamp(0, 1)
-        z = x0.float() / vae.config.scaling_factor
-        if getattr(vae.config, "shift_factor", None):
-            z = z + vae.config.shift_factor
-        out = []
-        for i in range(len(z)):  # one image at a time (diffusers' VAE slicing): a float32 SDXL decode of a whole
-            # preview grid at 1024^2 would hold gigabytes of activations
-            with torch.autocast(z.device.type, enabled=False), float32_vae(vae):  # float32 where force_upcast
-                img = vae.decode(z[i:i + 1].to(vae.dtype)).sample
-            out.append((img.float() / 2 + 0.5).clamp(0, 1))
+        with self.vae() as vae:
+            if vae is None:
+                return (x0.float() / 2 + 0.5).clamp(0, 1)
+            z = x0.float() / vae.config.scaling_factor
+            if getattr(vae.config, "shift_factor", None):
+                z = z + vae.config.shift_factor
+            out = []
+            for i in range(len(z)):  # one image at a time (diffusers' VAE slicing): a float32 SDXL decode of a whole
+                # preview grid at 1024^2 would hold gigabytes of activations
+                with torch.autocast(z.device.type, enabled=False), float32_vae(vae):  # float32 where force_upcast
+                    img = vae.decode(z[i:i + 1].to(vae.device, vae.dtype)).sample
+                out.append((img.float() / 2 + 0.5).clamp(0, 1))
         return torch.cat(out)
 
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:
         """Images in [-1, 1] -> clean latents (the VAE's mean, scaled), batched."""
-        vae = getattr(self.pipe, "vae", None)
-        if vae is None:
-            return images
-        out = []
-        for i in range(0, len(images), 16):
-            with torch.autocast(self.device.type, enabled=False), float32_vae(vae):  # float32 where force_upcast
-                z = vae.encode(images[i:i + 16].to(self.device, vae.dtype)).latent_dist.mean.float()
-            if getattr(vae.config, "shift_factor", None):
-                z = z - vae.config.shift_factor
-            out.append((z * vae.config.scaling_factor).float().cpu())
+        with self.vae() as vae:
+            if vae is None:
+                return images
+            out = []
+            for i in range(0, len(images), 16):
+                with torch.autocast(self.device.type, enabled=False), float32_vae(vae):  # float32 where force_upcast
+                    z = vae.encode(images[i:i + 16].to(self.device, vae.dtype)).latent_dist.mean.float()
+                if getattr(vae.config, "shift_factor", None):
+                    z = z - vae.config.shift_factor
+                out.append((z * vae.config.scaling_factor).float().cpu())
         return torch.cat(out)
 
     def prepare_real_samples(self, data=None, bar: bool = False, log=None) -> None:
@@ -427,8 +473,10 @@ class DiffusersUNetTeacher(Teacher):
         files = data.image_files()
         captions = image_captions(data.images_path, files)
         vae = getattr(self.pipe, "vae", None)
-        fp = cache_mod.fingerprint(kind="latents", teacher=self._identity(["vae"] if vae is not None else []),
-                                   size=self.image_size, vae_dtype=str(vae.dtype) if vae is not None else None,
+        has_vae = vae is not None or "vae" in self.freed_components
+        vae_dtype = str(vae.dtype) if vae is not None else str(DTYPES[self.load_options.get("dtype", "float32")])
+        fp = cache_mod.fingerprint(kind="latents", teacher=self._identity(["vae"] if has_vae else []),
+                                   size=self.image_size, vae_dtype=vae_dtype if has_vae else None,
                                    files=cache_mod.file_stats(files), n=len(files))
         mode, folder, limit = _cache_settings(data, "latents")
         store = cache_mod.open_rows(folder, fp) if folder is not None and mode != "memory" else None
