@@ -395,16 +395,16 @@ def _uneq6_one_step(tmp_path, config, name, *overrides):
 @pytest.mark.slow
 def test_slam_one_step_vs_consistency_on_uneq6(tmp_path):
     """Same budget (3000 steps, batch 256) on the unequal 6-mode mixture.  SLAM's gamma = 1 limit is LCM and matches
-    consistency.  The default (sub-path point at its own time, loss weighted by gamma, gamma_power=3) measured
-    0.00309 +- 0.00012 vs 0.00291 +- 0.00013 (5 seeds; seed 0 here: 0.00301 vs 0.00276), so the bound is 1.3x, not
-    "no worse"; the point fed at t_{n+k}, unweighted, is ~2x consistency (0.0055)."""
+    consistency.  The default (sub-path point at its own time, loss weighted by gamma, gamma_power=6) measured
+    0.00281 +- 0.00007 vs 0.00283 +- 0.00008 over 10 seeds (paired -1% +- 2%; seed 0 here: 0.00297 vs 0.00276), so
+    one seed gets a 1.15x band; the point fed at t_{n+k}, unweighted, is ~2x consistency (0.0055)."""
     lcm = _uneq6_one_step(tmp_path, "configs/gmm_consistency.yaml", "lcm")
     slam1 = _uneq6_one_step(tmp_path, "configs/gmm_slam.yaml", "slam1", "objective.gamma_min=1")
     slam = _uneq6_one_step(tmp_path, "configs/gmm_slam.yaml", "slam")
     paper = _uneq6_one_step(tmp_path, "configs/gmm_slam.yaml", "paper", "objective.subpath_time=start",
                             "objective.loss_weight=none")
     assert slam1["energy_distance"] <= 1.3 * lcm["energy_distance"], (slam1, lcm)
-    assert slam["modes_covered"] == 6 and slam["energy_distance"] <= 1.3 * lcm["energy_distance"], (slam, lcm)
+    assert slam["modes_covered"] == 6 and slam["energy_distance"] <= 1.15 * lcm["energy_distance"], (slam, lcm)
     assert slam["energy_distance"] < paper["energy_distance"], (slam, paper)
 
 

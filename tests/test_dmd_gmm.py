@@ -262,7 +262,7 @@ def test_per_exit_gan_exact_resume(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mixture", ["uneq6", "skew3"])
+@pytest.mark.parametrize("mixture", ["uneq6", "skew3", "ring8"])
 @pytest.mark.parametrize("steps", [2, 4])
 def test_dmd2_multistep_default_matches_teacher(tmp_path, mixture, steps):
     """Default multi-step DMD2 (phased exits) on mixtures with unequal weights and stds, 10k steps, EMA 0.98: all

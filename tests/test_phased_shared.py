@@ -20,11 +20,14 @@ def test_phase_start_resets_the_shared_students_optimizer():
     obj, _ = _dmd2(phase_steps=10, student_opt_reset=True)
     assert obj.reset_groups(0) == [] and obj.reset_groups(5) == []
     assert obj.reset_groups(10) == ["critic", "student"] and obj.reset_groups(30) == ["critic", "student"]
-    assert _dmd2(phase_steps=10)[0].reset_groups(10) == ["critic"]  # off by default
+    assert _dmd2(phase_steps=10)[0].reset_groups(10) == ["critic", "student"]  # dmd2's default
+    assert _dmd2(phase_steps=10, student_opt_reset=False)[0].reset_groups(10) == ["critic"]
     teacher = GMMTeacher(load_mixture("line4"), "vp")
     sep = PhasedDMD(PhasedDMDConfig(phase_steps=10), teacher, 2)
-    shared = PhasedDMD(PhasedDMDConfig(phase_steps=10, experts="shared", student_opt_reset=True), teacher, 2)
+    shared = PhasedDMD(PhasedDMDConfig(phase_steps=10, experts="shared"), teacher, 2)  # null: on for shared
     assert sep.reset_groups(10) == ["critic"] and shared.reset_groups(10) == ["critic", "student"]
+    assert PhasedDMD(PhasedDMDConfig(phase_steps=10, experts="shared", student_opt_reset=False), teacher,
+                     2).reset_groups(10) == ["critic"]
 
 
 def test_anchor_is_zero_at_the_snapshot_and_grows_after_an_update():
@@ -95,7 +98,15 @@ def test_reset_warmup_ramps_the_students_lr_after_each_phase_start(tmp_path):
     assert [obj.lr_factor("student", s) for s in range(10, 15)] == [0.25, 0.5, 0.75, 1.0, 1.0]
     assert [obj.lr_factor("student", s) for s in (30, 31)] == [0.25, 0.5]
     assert obj.lr_factor("critic", 10) == 1.0
-    assert _dmd2(phase_steps=10, reset_warmup_steps=4)[0].lr_factor("student", 10) == 1.0  # only with the reset
+    assert _dmd2(phase_steps=10, student_opt_reset=False, reset_warmup_steps=4)[0].lr_factor("student", 10) == 1.0
+    default, teacher = _dmd2(phase_steps=10)  # null: a fifth of the phase
+    assert [default.lr_factor("student", s) for s in (10, 11, 12)] == [0.5, 1.0, 1.0]
+    from fewstep.objectives.phased_dmd import PhasedDMD, PhasedDMDConfig
+
+    sep = PhasedDMD(PhasedDMDConfig(phase_steps=10), teacher, 2)  # a new expert's state is fresh: it ramps too
+    assert sep.reset_groups(10) == ["critic"] and [sep.lr_factor("student", s) for s in (9, 10, 11)] == [1.0, 0.5, 1.0]
+    off = PhasedDMD(PhasedDMDConfig(phase_steps=10, reset_warmup_steps=0), teacher, 2)
+    assert off.lr_factor("student", 10) == 1.0
     cfg = load_config(str(ROOT / "configs" / "gmm_dmd2.yaml"), [
         "train.tracker=none", f"output_dir={tmp_path}", "teacher.path=gmm:line4", "train.batch_size=16",
         "student.steps=2", "objective.phase_steps=2", "objective.critic_steps=1", "objective.student_opt_reset=true",

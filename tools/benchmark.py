@@ -73,7 +73,8 @@ SUITE = {
     "slam-1step": ("gmm_slam.yaml", ["student.steps=1"]),
     "slam-1step-start": ("gmm_slam.yaml", ["student.steps=1", "objective.subpath_time=start",
                                            "objective.loss_weight=none"]),
-    "slam-1step-uniform": ("gmm_slam.yaml", ["student.steps=1", "objective.gamma_power=1"]),  # the previous default
+    "slam-1step-uniform": ("gmm_slam.yaml", ["student.steps=1", "objective.gamma_power=1"]),  # the first default
+    "slam-1step-p3": ("gmm_slam.yaml", ["student.steps=1", "objective.gamma_power=3"]),  # the second default
     "slam-1step-paper": ("gmm_slam.yaml", ["student.steps=1", "objective.subpath_time=start",  # SLAM's code
                                            "objective.subpath_x0=paper", "objective.loss_weight=none"]),
     "slam-2step": ("gmm_slam.yaml", ["student.steps=2"]),

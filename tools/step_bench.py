@@ -178,6 +178,7 @@ def row_specs(args, root: Path, work: Path) -> list[dict]:
                 f"student.steps={s}", *common]})
     for s in specs:
         s.update(steps=steps, warmup=warmup, rounds=rounds, bare=args.bare)
+        s["overrides"] = [*s["overrides"], *args.set]
     return specs
 
 
@@ -528,6 +529,8 @@ def main(argv=None) -> int:
     ap.add_argument("--startup", action="store_true", help="only startup times: --help, --dry-run, first steps")
     ap.add_argument("--repeat", type=int, default=3, help="--startup: runs per measurement (median)")
     ap.add_argument("--work", default=None, help="folder for the built teacher, data and runs (default: a temp dir)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every row (repeatable), e.g. train.gradient_checkpointing=false")
     ap.add_argument("--json", default="step_bench.json")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -116,10 +116,12 @@ class DMD2Config(ObjectiveConfig):
     # inputs on a frozen snapshot of its trainable weights (a LoRA: the adapter) taken when exit k's phase started:
     # the earlier exits no longer drift (phased_dmd's objective.anchor_weight; README "Multi-step students"); 0 = off
     anchor_weight: float = 0.0
-    # "phased": clear the student's optimizer state at each exit's phase start, as the critic's. 4 steps, 10k: ring8
-    # 3.36x/0.67 -> 1.04x/0.94 (seed 1: 1.01x/0.97), uneq6 0.95x/0.98, but skew3 0.87x/0.96 -> 17.3x/0.68: off
-    student_opt_reset: bool = False
-    reset_warmup_steps: int = 0  # with student_opt_reset: the student's lr ramps from 0 over this many steps a phase
+    # "phased": clear the student's optimizer state at each exit's phase start, as the critic's, and ramp its lr up
+    # again over reset_warmup_steps (null: a fifth of the phase; 0: no ramp). Without the reset the earlier exits'
+    # Adam moments damp the new exit (ring8 4 steps: 3.36x / spread 0.67); without the ramp the fresh state's first
+    # updates (~lr on every weight) can wreck the net (skew3 4 steps: 17.3x / 0.68). README "Multi-step students"
+    student_opt_reset: bool = True
+    reset_warmup_steps: Optional[int] = None
     # the critic as a LoRA (peft adapter): null = the student's rank and alpha when the student is a LoRA on the shared
     # base (student.share_base), else a full copy; 0 = a full float32 copy; > 0 = a LoRA of this rank
     critic_lora_rank: Optional[int] = None

@@ -68,13 +68,14 @@ class PhasedDMDConfig(ObjectiveConfig):
     # inputs (x_{t_j}, t_j, j < k, from this step's rollout) on a frozen snapshot of its trainable weights taken at
     # the start of phase k (a LoRA: the adapter only), against the drift of the earlier steps; 0 disables
     anchor_weight: float = 0.0
-    # clear the student's optimizer state at each phase start (with the critic's). With one shared network Adam's
-    # second moments from the earlier phases carry over; clearing them fixes 4-step dmd2 on ring8 (spread 0.67 ->
-    # 0.94) but breaks skew3 (0.96 -> 0.68; README "Multi-step students"). null: off (dmd2 passes its own)
+    # clear the student's optimizer state at each phase start (with the critic's): with one shared network Adam's
+    # moments from the earlier phases otherwise carry over and damp the new phase's updates. null: on for
+    # experts=shared (dmd2 passes its own), off for separate experts (each new expert's state is fresh anyway)
     student_opt_reset: Optional[bool] = None
-    # with student_opt_reset: the student's lr ramps linearly from 0 over this many steps after each phase start
-    # (a fresh Adam state otherwise moves every weight by ~lr at its first update); 0: no ramp
-    reset_warmup_steps: int = 0
+    # from each later phase's start where the student's optimizer state is fresh (that reset, or a new separate
+    # expert) its lr ramps linearly from 0 over this many steps (a fresh Adam state otherwise moves every weight by
+    # ~lr at its first updates); null: a fifth of the phase; 0: no ramp
+    reset_warmup_steps: Optional[int] = None
 
 
 class PhasedStudent(nn.Module):
@@ -190,7 +191,7 @@ class PhasedDMD(Objective):
         self.max_steps: Optional[int] = None
         if c.anchor_weight < 0:
             raise ValueError(f"objective.anchor_weight must be >= 0, got {c.anchor_weight}")
-        if c.reset_warmup_steps < 0:
+        if c.reset_warmup_steps is not None and c.reset_warmup_steps < 0:
             raise ValueError(f"objective.reset_warmup_steps must be >= 0, got {c.reset_warmup_steps}")
         self.anchored = c.anchor_weight > 0 and self.steps > 1 and self.student.num_experts == 1
         self._anchor: Optional[dict] = None  # trainable name -> frozen tensor, taken at the start of _anchor_phase
@@ -281,14 +282,24 @@ class PhasedDMD(Objective):
                     p.zero_()
                 else:  # under FSDP: this process's shard of the whole tensor
                     p.copy_(shard_like(src, p) if hasattr(p, "device_mesh") else src)
-        reset = bool(self.config.student_opt_reset)
-        return ["critic", "student"] if reset else ["critic"]
+        return ["critic", "student"] if self.student_reset else ["critic"]
+
+    @property
+    def student_reset(self) -> bool:
+        """``student_opt_reset`` resolved: null means on for one shared network, off for separate experts."""
+        c = self.config.student_opt_reset
+        return self.student.num_experts == 1 and self.steps > 1 if c is None else bool(c)
 
     def lr_factor(self, group: str, step: int) -> float:
-        """``reset_warmup_steps``: after a phase start that cleared the student's optimizer state, its lr ramps up
-        linearly (the phase's first student update at lr / W, full lr W steps into the phase)."""
+        """``reset_warmup_steps``: from each phase start after the first where the student's optimizer state is
+        fresh (a new separate expert, or one shared network with ``student_opt_reset``), its lr ramps up linearly: the
+        phase's step i updates at lr (i + 1) / W.  A fresh Adam state (beta1 = 0, or bias-corrected) otherwise moves
+        every weight by about the lr at its first updates (README "Multi-step students")."""
         w = self.config.reset_warmup_steps
-        if group != "student" or not w or not self.config.student_opt_reset or step < self.phase_length():
+        if w is None:
+            w = self.phase_length() // 5
+        fresh = self.student_reset or self.student.num_experts > 1  # a new expert's Adam state is empty as well
+        if group != "student" or not w or not fresh or step < self.phase_length():
             return 1.0
         into = step - self.phase(step) * self.phase_length()
         return min(1.0, (into + 1) / w)
