@@ -43,7 +43,6 @@ import torch
 from torch import nn
 
 from . import sharding
-from .conditions import Condition
 from .errors import CheckpointError, Preempted, TrainingDiverged  # noqa: F401  (re-exported)
 from .export import TMP_PREFIX, WriteError, clean_stale, fsync_tree, replace_dir, write_failure
 from .objectives.base import Batch
