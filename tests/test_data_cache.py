@@ -303,6 +303,7 @@ def test_freed_vae_decodes_the_same_and_is_kept_when_it_cannot_come_back(tiny_pi
     assert t.free_vae() is True
     gc.collect()
     assert t.pipe.vae is None and ref() is None and data_vae_freed(t)
+    assert t.prompt_cache.encoder_available  # the text encoders are still there: any prompt can be encoded
     after = t.to_images(x0)
     assert after.shape == before.shape and torch.equal(after, before)
     assert t.pipe.vae is None  # loaded for the decode only

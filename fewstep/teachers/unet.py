@@ -333,17 +333,7 @@ class DiffusersUNetTeacher(Teacher):
         prompts it holds.  An export writes them back from the teacher's source (:meth:`save_freed_components`).
         Returns the names dropped."""
         names = [n for n in TEXT_ENCODERS if getattr(self.pipe, n, None) is not None]
-        freed = dict(self.freed_components)
-        for n in names:
-            freed[n] = tuple(self.pipe.config[n])  # (library, class), as model_index.json names it
-            setattr(self.pipe, n, None)  # DiffusionPipeline.__setattr__ also sets its config entry to (None, None)
-        self.freed_components = freed
-        self.prompt_cache.encoder_available = not freed
-        from ..memory import release_unused
-
-        release_unused()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        self._drop(names)
         if names and log is not None:
             log(f"fewstep: freed the text encoders ({', '.join(names)}); prompts are served from the cache")
         return names
@@ -352,18 +342,27 @@ class DiffusersUNetTeacher(Teacher):
         """Drop the VAE (``data.free_vae``, once the image latents are cached): a training step never decodes.
         Sample grids load it again for their decode (:meth:`vae`), an export writes it from the teacher's source
         (:meth:`save_freed_components`).  Kept when that source cannot give it back (a pipeline built in memory)."""
-        vae = getattr(self.pipe, "vae", None)
-        if vae is None or not self._reloadable("vae"):
+        if getattr(self.pipe, "vae", None) is None or not self._reloadable("vae"):
             return False
-        self.freed_components = {**self.freed_components, "vae": tuple(self.pipe.config["vae"])}
-        self.pipe.vae = None
-        del vae
-        from ..memory import release_unused
-
-        release_unused()
+        self._drop(["vae"])
         if log is not None:
             log("fewstep: freed the VAE (latents are cached); sample grids load it for their decode")
         return True
+
+    def _drop(self, names: list[str]) -> None:
+        """Remove components ``names`` from the pipeline and from memory, remembering their (library, class) for the
+        export (:meth:`save_freed_components`); the prompt cache then serves only what it holds once an encoder is gone."""
+        from ..memory import release_unused
+
+        freed = dict(self.freed_components)
+        for n in names:
+            freed[n] = tuple(self.pipe.config[n])  # (library, class), as model_index.json names it
+            setattr(self.pipe, n, None)  # DiffusionPipeline.__setattr__ also sets its config entry to (None, None)
+        self.freed_components = freed
+        self.prompt_cache.encoder_available = not any(n in freed for n in TEXT_ENCODERS)
+        release_unused()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _reloadable(self, name: str) -> bool:
         """Whether ``name`` can be loaded again from the teacher's source: a local folder that has it, or a hub id."""
