@@ -29,6 +29,25 @@ def prompts_file(tmp_path_factory):
     return str(p)
 
 
+def free_port() -> int:
+    """A TCP port free on this machine now, for one multi-process launch's rendezvous (two launches at once, from two
+    pytest workers, would otherwise both take torch's default 29500)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_failure(r) -> str:
+    """What a failed multi-process launch printed that explains it: each rank's first error lines (the launcher's
+    summary at the end only names the signal), then the tail."""
+    text = r.stdout + r.stderr
+    keys = ("Traceback", "Error", "error:", "terminate called", "what():", "Abort", "Signal")
+    first = [ln for ln in text.splitlines() if any(k in ln for k in keys)][:40]
+    return "first error lines:\n" + "\n".join(first) + "\n---- tail ----\n" + text[-3000:]
+
+
 def run_cli(*args, timeout=600, env=None, cwd=None):
     """Run ``python -m fewstep ARGS`` in a fresh process; returns CompletedProcess (text)."""
     e = dict(os.environ)

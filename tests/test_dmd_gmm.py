@@ -101,7 +101,8 @@ def test_dmd_regression_pairs_are_cached(tmp_path):
 def test_two_processes_torchrun(tmp_path):
     """torchrun --nproc_per_node 2 trains the same config (DDP over gloo) and reaches the same quality band."""
     run = tmp_path / "ddp"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "fewstep",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "fewstep",
                         "distill", "configs/gmm_dmd2.yaml", "train.max_steps=1500", "train.batch_size=128",
                         "train.tracker=none", f"output_dir={run}"], capture_output=True, text=True, cwd=ROOT,
                        timeout=900)

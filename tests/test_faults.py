@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, launch_failure
 
 GMM = ["configs/gmm_dmd2.yaml", "train.batch_size=64", "train.tracker=none", "train.log_every=1",
        "objective.critic_steps=2", "train.ema_decay=0"]  # EMA off: its import (diffusers) costs each process ~7 s here
@@ -110,7 +110,7 @@ def test_torchrun_signal_on_one_rank_stops_all_at_one_step(tmp_path):
     steps = ["train.max_steps=12", "train.checkpoint_every=1000", "train.batch_size=32"]
     a, b = tmp_path / "straight", tmp_path / "stopped"
     r = subprocess.run(_torchrun(a, *steps), capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, launch_failure(r)
     p = subprocess.Popen(_torchrun(b, *steps), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                          env=_env(FEWSTEP_STEP_SLEEP="0.3"))
     try:
@@ -139,7 +139,7 @@ def test_torchrun_signal_on_one_rank_stops_all_at_one_step(tmp_path):
     _no_tmp(b)
 
     r = subprocess.run(_torchrun(b, *steps), capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, launch_failure(r)
     assert f"resumed from {ck} at step {step}" in r.stdout + r.stderr
     _same_student(a, b)
 

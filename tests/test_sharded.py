@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, free_port, launch_failure
 
 FSDP_YAML = ROOT / "configs" / "accelerate" / "fsdp.yaml"
 GMM = ["configs/gmm_dmd2.yaml", "train.batch_size=32", "train.tracker=none", "train.log_every=1",
@@ -26,10 +26,22 @@ def _env():
 def _launch(out, *args, wrap=("--fsdp_transformer_layer_cls_to_wrap", "Linear")):
     """``accelerate launch --config_file configs/accelerate/fsdp.yaml`` with 2 CPU processes (``wrap``: each FSDP
     unit one Linear layer, so the GMM networks are sharded in nested units as a UNet's blocks are)."""
+    # a free port of its own: the config's static rendezvous would otherwise take 29500, which another launch on this
+    # machine (a second pytest worker, a user's run) may hold or be about to take
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_YAML), "--num_processes", "2",
-           *wrap, "-m", "fewstep", "distill", *args, f"output_dir={out}"]
+           "--main_process_port", str(free_port()), *wrap, "-m", "fewstep", "distill", *args, f"output_dir={out}"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=600)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    if r.returncode and "(SIGABRT)" in r.stderr:
+        # once (CI, session 5, a loaded 2-core machine): rank 1 died by SIGABRT, the kept log tail naming only the
+        # signal; the run is started again from nothing (a deterministic fault fails that second launch as well)
+        import warnings
+
+        warnings.warn("an FSDP launch died by SIGABRT; launched once more from nothing:\n"
+                      + launch_failure(r)[:2000])
+        shutil.rmtree(out, ignore_errors=True)
+        cmd[cmd.index("--main_process_port") + 1] = str(free_port())
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=600)
+    assert r.returncode == 0, launch_failure(r)
     return r
 
 
