@@ -196,6 +196,27 @@ def test_benchmark_rows_and_skips(tiny_teacher, tmp_path, monkeypatch):
     assert "tiny-2step_s" in saved["timings"]
     with pytest.raises(Exception, match="LABEL CONFIG"):
         parse_row("only-a-label")
+    # the same student scored again over 2 sampling seeds without retraining: seed 0 reproduces the first table's
+    # numbers, and each row is the mean of its seeds with their spread
+    logs.clear()
+    res2 = digits.run_benchmark(str(tmp_path / "bench"), train_steps=2, num_images=12, teacher_steps=(1,),
+                                rows=rows[:1], log=logs.append, progress=False, eval_seeds=2, reuse=True)
+    assert any("tiny-2step: reusing the student trained earlier" in l for l in logs)
+    assert "tiny-2step_s" not in res2["timings"]
+    for r, r1 in zip(res2["rows"], res["rows"]):
+        vals = r["digits_fid_seeds"]
+        assert len(vals) == 2 and vals[0] == pytest.approx(r1["digits_fid"], rel=1e-6)
+        assert r["digits_fid"] == pytest.approx(sum(vals) / 2)
+        assert r["digits_fid_std"] == pytest.approx(abs(vals[0] - vals[1]) / 2 ** 0.5)
+        assert vals[0] != vals[1]  # a second seed draws other images
+    assert "±" in res2["markdown"] and "over 2 sampling seeds (0, 1)" in res2["markdown"]
+    # a changed row spec is trained again, not reused
+    logs.clear()
+    digits.run_benchmark(str(tmp_path / "bench"), train_steps=3, num_images=12, teacher_steps=(1,), rows=rows[:1],
+                         log=logs.append, progress=False, reuse=True)
+    assert not any("reusing" in l for l in logs)
+    with pytest.raises(Exception, match="eval_seeds must be >= 1, got 0"):
+        digits.run_benchmark(str(tmp_path / "bench"), rows=rows[:1], eval_seeds=0)
 
 
 def test_default_rows():

@@ -429,7 +429,8 @@ def run_benchmark(out_dir: str = "runs/bench_digits", student_steps: Optional[Se
                   teacher_steps=(1, 2, 4, 8, 16, 32, 50), config: Optional[str] = None,
                   overrides: Optional[list] = None, teacher_cfg: TeacherConfig = TeacherConfig(),
                   log: Callable = print, progress: bool = True, rows: Optional[Sequence[StudentRow]] = None,
-                  jobs: int = 2, diversity: Optional[dict] = None) -> dict:
+                  jobs: int = 2, diversity: Optional[dict] = None, eval_seeds: int = 1,
+                  reuse: bool = False) -> dict:
     """Teacher + classifier (cached), the students of ``rows``, then the comparison table (digits-FID,
     precision, recall, density, coverage, class accuracy, time per image; same seeds for every row);
     writes OUT/{compare.md,compare.png,compare.json,benchmark.json}.
@@ -438,12 +439,16 @@ def run_benchmark(out_dir: str = "runs/bench_digits", student_steps: Optional[Se
     skipped with a message.  ``student_steps`` (the older form): DMD2 rows of ``config`` (default
     ``configs/digits_dmd2.yaml``) at these step counts.  ``train_steps`` and ``overrides`` apply to every
     row; ``diversity``: keyword arguments of :func:`~fewstep.eval.diversity.diversity_vs_reference`.
+    ``eval_seeds``: every row is sampled with seeds ``0..eval_seeds-1`` (``num_images`` each) and the table shows
+    mean ± standard deviation (:func:`~fewstep.eval.compare.average_over_seeds`); 1: seed 0 only.
+    ``reuse``: a row whose student this output folder already holds, trained with the same config and overrides
+    (``OUT/LABEL/bench_row.json``), is scored again without retraining.
 
     CPU scheduling: every process uses one thread (PyTorch's intra-op threads lose badly on a shared
     CPU), and independent jobs run ``jobs`` (2) at a time -- classifier beside teacher, the students two
     by two -- so two cores are used without oversubscription.  The comparison runs alone (clean timings).
     """
-    from .compare import MetricSuite, compare, markdown, write_outputs
+    from .compare import MetricSuite, average_over_seeds, compare, markdown, write_outputs
     from .features import load_feature_extractor
 
     if rows is None:
@@ -452,6 +457,10 @@ def run_benchmark(out_dir: str = "runs/bench_digits", student_steps: Optional[Se
             rows = [StudentRow(f"dmd2-{k}step", cfg_file, (f"student.steps={k}",)) for k in (student_steps or (1, 4))]
         else:
             rows = DEFAULT_ROWS
+    if int(eval_seeds) < 1:
+        from ..config import ConfigError
+
+        raise ConfigError(f"eval_seeds must be >= 1, got {eval_seeds}")
     labels = [r.label for r in rows]
     if len(set(labels)) != len(labels):
         from ..config import ConfigError
@@ -483,6 +492,16 @@ def run_benchmark(out_dir: str = "runs/bench_digits", student_steps: Optional[Se
             ov = [f"teacher.path={teacher}", *row.overrides, f"output_dir={run}", *(overrides or [])]
             if train_steps:
                 ov.append(f"train.max_steps={train_steps}")
+            spec = {"config": row.config, "overrides": ov}
+            spec_file = run / "bench_row.json"
+            if reuse and (run / "pipeline" / "model_index.json").is_file() and spec_file.is_file() \
+                    and json.loads(spec_file.read_text()) == spec:
+                log(f"{row.label}: reusing the student trained earlier in {run} (same config and overrides)")
+                students.append(str(run / "pipeline"))
+                names.append(row.label)
+                continue
+            run.mkdir(parents=True, exist_ok=True)
+            spec_file.write_text(json.dumps(spec, indent=1))
             log_file = out / "logs" / f"{row.label}.log"
             log(f"{row.label} student ({row.config} {' '.join(row.overrides)}) -> {run} (log: {log_file})")
             running.append((row.label, time.perf_counter(), log_file,
@@ -502,8 +521,13 @@ def run_benchmark(out_dir: str = "runs/bench_digits", student_steps: Optional[Se
     floor_feats, div_ref = diversity_split(ext, num_images)
     suite = MetricSuite(extractor=ext, ref=str(ref), fid_name="digits_fid", diversity=div, diversity_ref=div_ref)
     t0 = time.perf_counter()
-    res = compare(str(teacher), students, suite, num_images, teacher_steps, seed=0, batch_size=250,
-                  student_names=names, log=log, progress=progress)
+    per_seed = []
+    for seed in range(eval_seeds):
+        if eval_seeds > 1:
+            log(f"sampling seed {seed} ({seed + 1} of {eval_seeds})")
+        per_seed.append(compare(str(teacher), students, suite, num_images, teacher_steps, seed=seed, batch_size=250,
+                                student_names=names, log=log, progress=progress))
+    res = per_seed[0] if eval_seeds == 1 else average_over_seeds(per_seed)
     times["eval_s"] = time.perf_counter() - t0
     res["rows_spec"] = [{"label": r.label, "config": r.config, "overrides": list(r.overrides)} for r in todo]
     res["skipped"] = skipped
