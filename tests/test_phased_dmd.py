@@ -91,9 +91,37 @@ def test_phase_schedule_and_critic_reset():
     assert obj2.phase_length() == 25 and obj2.phase(99) == 3
 
 
+def test_expert_init_previous_copies_the_trained_expert_at_its_phase_start():
+    obj, _ = _objective(steps=3, phase_steps=10, expert_init="previous")
+    ex = obj.student.experts
+    with torch.no_grad():
+        for p in ex[0].parameters():
+            p.add_(0.5)  # "trained" expert 0
+    init1 = {k: v.clone() for k, v in ex[1].state_dict().items()}
+    assert obj.reset_groups(5) == []  # mid-phase: nothing copied
+    assert all(torch.equal(v, init1[k]) for k, v in ex[1].state_dict().items())
+    obj.reset_groups(10)  # phase 1 starts from expert 0
+    trainable = [n for n, p in ex[1].named_parameters() if p.requires_grad]
+    assert trainable
+    p0, p1 = dict(ex[0].named_parameters()), dict(ex[1].named_parameters())
+    assert all(torch.equal(p1[n], p0[n]) for n in trainable)
+    assert not any(torch.equal(p1[n], init1[n]) for n in trainable)
+    p1[trainable[0]].data.add_(1.0)  # a copy, not a tie
+    assert not torch.equal(p1[trainable[0]], p0[trainable[0]])
+    default, _ = _objective(steps=3, phase_steps=10)  # the paper's init: each expert stays the teacher's copy
+    before = {k: v.clone() for k, v in default.student.experts[1].state_dict().items()}
+    with torch.no_grad():
+        for p in default.student.experts[0].parameters():
+            p.add_(0.5)
+    default.reset_groups(10)
+    assert all(torch.equal(v, before[k]) for k, v in default.student.experts[1].state_dict().items())
+
+
 def test_bad_options_are_one_line_errors():
     with pytest.raises(ValueError, match="objective.experts must be 'separate' or 'shared', got 'many'"):
         _objective(experts="many")
+    with pytest.raises(ValueError, match="objective.expert_init must be 'teacher' or 'previous', got 'last'"):
+        _objective(expert_init="last")
     with pytest.raises(ValueError, match="critic_target"):
         _objective(critic_target="exact")
     obj, _ = _objective(steps=4)

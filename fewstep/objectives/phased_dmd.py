@@ -76,6 +76,9 @@ class PhasedDMDConfig(ObjectiveConfig):
     # expert) its lr ramps linearly from 0 over this many steps (a fresh Adam state otherwise moves every weight by
     # ~lr at its first updates); null: a fifth of the phase; 0: no ramp
     reset_warmup_steps: Optional[int] = None
+    # experts=separate: what expert k (k >= 1) starts from at its phase start: "teacher" (a copy of the teacher, as in
+    # the paper) or "previous" (expert k-1's trained weights: a sharp one-step generator one phase noisier)
+    expert_init: str = "teacher"
 
 
 class PhasedStudent(nn.Module):
@@ -174,6 +177,8 @@ class PhasedDMD(Objective):
             raise ValueError(f"objective.critic_target must be 'unbiased' or 'naive', got {c.critic_target!r}")
         if not 0.0 <= c.min_t < c.max_t <= 1.0:
             raise ValueError(f"objective.min_t/max_t must satisfy 0 <= min_t < max_t <= 1, got {c.min_t}, {c.max_t}")
+        if c.expert_init not in ("teacher", "previous"):
+            raise ValueError(f"objective.expert_init must be 'teacher' or 'previous', got {c.expert_init!r}")
         if c.critic_steps < 1 or c.phase_steps < 0:
             raise ValueError(f"objective.critic_steps must be >= 1 and objective.phase_steps >= 0, "
                              f"got {c.critic_steps}, {c.phase_steps}")
@@ -268,9 +273,14 @@ class PhasedDMD(Objective):
         return init
 
     def reset_groups(self, step: int) -> list[str]:
-        """At the first step of phases 1..K-1: the critic restarts from the teacher (weights and optimizer)."""
-        if self._critic_init is None or step == 0 or step % self.phase_length() or step // self.phase_length() >= self.steps:
+        """At the first step of phases 1..K-1: the critic restarts from the teacher (weights and optimizer); with
+        ``expert_init=previous`` the phase's expert starts from the one before it."""
+        if step == 0 or step % self.phase_length() or step // self.phase_length() >= self.steps:
             return []
+        if self.config.expert_init == "previous" and self.student.num_experts > 1:
+            self._copy_expert(step // self.phase_length())
+        if self._critic_init is None:
+            return ["student"] if self.student_reset else []
         from ..sharding import shard_like
 
         with torch.no_grad():
@@ -283,6 +293,25 @@ class PhasedDMD(Objective):
                 else:  # under FSDP: this process's shard of the whole tensor
                     p.copy_(shard_like(src, p) if hasattr(p, "device_mesh") else src)
         return ["critic", "student"] if self.student_reset else ["critic"]
+
+    @torch.no_grad()
+    def _copy_expert(self, k: int) -> None:
+        """Expert ``k``'s trainable weights := expert ``k-1``'s (full copies or adapter modules: parameter by parameter,
+        under FSDP shard by shard; LoRA experts on one base: adapter ``phase{k}`` := the one before it)."""
+        st = self.student
+        if st.adapters:
+            params = dict(st.experts[0].named_parameters())
+            new, old = f".{st.adapters[k]}.", f".{st.adapters[k - 1]}."
+            for name, p in params.items():
+                if new in name:
+                    p.copy_(params[name.replace(new, old)])
+            return
+        dst, src = st.experts[k], st.experts[k - 1]
+        for (n_dst, p), (n_src, q) in zip(dst.named_parameters(), src.named_parameters()):
+            if n_dst != n_src:
+                raise RuntimeError(f"experts {k - 1} and {k} differ in their parameters ({n_src} vs {n_dst})")
+            if p.requires_grad:
+                p.copy_(q)
 
     @property
     def student_reset(self) -> bool:
