@@ -210,11 +210,19 @@ def test_benchmark_rows_and_skips(tiny_teacher, tmp_path, monkeypatch):
         assert r["digits_fid_std"] == pytest.approx(abs(vals[0] - vals[1]) / 2 ** 0.5)
         assert vals[0] != vals[1]  # a second seed draws other images
     assert "±" in res2["markdown"] and "over 2 sampling seeds (0, 1)" in res2["markdown"]
-    # a changed row spec is trained again, not reused
-    logs.clear()
-    digits.run_benchmark(str(tmp_path / "bench"), train_steps=3, num_images=12, teacher_steps=(1,), rows=rows[:1],
-                         log=logs.append, progress=False, reuse=True)
-    assert not any("reusing" in l for l in logs)
+    # a changed row spec is trained again, not reused: here the same config path with other contents
+    cfg = tmp_path / "digits_dmd2.yaml"
+    cfg.write_text((ROOT / "configs" / "digits_dmd2.yaml").read_text())
+    row = StudentRow("copy", str(cfg), ("student.steps=1", "train.batch_size=4"))
+
+    def reused():
+        logs.clear()
+        digits.run_benchmark(str(tmp_path / "bench"), train_steps=2, num_images=12, teacher_steps=(1,), rows=[row],
+                             log=logs.append, progress=False, reuse=True)
+        return any("copy: reusing" in l for l in logs)
+    assert not reused() and reused()
+    cfg.write_text(cfg.read_text() + "\n# edited\n")
+    assert not reused()
     with pytest.raises(Exception, match="eval_seeds must be >= 1, got 0"):
         digits.run_benchmark(str(tmp_path / "bench"), rows=rows[:1], eval_seeds=0)
 

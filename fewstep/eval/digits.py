@@ -442,7 +442,7 @@ def run_benchmark(out_dir: str = "runs/bench_digits", student_steps: Optional[Se
     ``eval_seeds``: every row is sampled with seeds ``0..eval_seeds-1`` (``num_images`` each) and the table shows
     mean ± standard deviation (:func:`~fewstep.eval.compare.average_over_seeds`); 1: seed 0 only.
     ``reuse``: a row whose student this output folder already holds, trained with the same config and overrides
-    (``OUT/LABEL/bench_row.json``), is scored again without retraining.
+    (the config file's bytes included: ``OUT/LABEL/bench_row.json``), is scored again without retraining.
 
     CPU scheduling: every process uses one thread (PyTorch's intra-op threads lose badly on a shared
     CPU), and independent jobs run ``jobs`` (2) at a time -- classifier beside teacher, the students two
@@ -492,7 +492,8 @@ def run_benchmark(out_dir: str = "runs/bench_digits", student_steps: Optional[Se
             ov = [f"teacher.path={teacher}", *row.overrides, f"output_dir={run}", *(overrides or [])]
             if train_steps:
                 ov.append(f"train.max_steps={train_steps}")
-            spec = {"config": row.config, "overrides": ov}
+            spec = {"config": row.config, "config_sha256": hashlib.sha256(row.config_path().read_bytes()).hexdigest(),
+                    "overrides": ov}
             spec_file = run / "bench_row.json"
             if reuse and (run / "pipeline" / "model_index.json").is_file() and spec_file.is_file() \
                     and json.loads(spec_file.read_text()) == spec:
