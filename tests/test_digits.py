@@ -264,5 +264,7 @@ def test_digits_benchmark():
     assert s1["digits_fid"] < 0.25 * t1["digits_fid"]  # far better than the teacher at the same NFE
     assert s1["class_accuracy"] > 0.9 and s4["class_accuracy"] > 0.9
     assert s1["digits_fid"] <= 1.2 * t50["digits_fid"], res["goal"]  # the issue's goal
+    p4 = rows[("phased_dmd-4step", 4)]
+    assert p4["digits_fid"] <= 1.1 * t50["digits_fid"]  # issue 8: a 4-step student within 1.1x of the teacher
     assert all({"precision", "recall", "density", "coverage"} <= set(r) for r in res["rows"])
     assert t50["recall"] > 0.5 and t50["coverage"] > 2 * t1["coverage"]  # 1 DDIM step is blurred onto a few modes
