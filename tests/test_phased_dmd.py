@@ -117,6 +117,25 @@ def test_expert_init_previous_copies_the_trained_expert_at_its_phase_start():
     assert all(torch.equal(v, before[k]) for k, v in default.student.experts[1].state_dict().items())
 
 
+def test_expert_init_previous_copies_lora_adapters_by_name():
+    """LoRA experts (named adapters on one base): adapter phase{k} := the adapter before it; the base is untouched."""
+    from torch import nn
+
+    from fewstep.objectives.phased_dmd import PhasedStudent
+
+    obj, _ = _objective(steps=3, phase_steps=10, expert_init="previous")
+    net = nn.ModuleDict({"base": nn.Linear(2, 2), "lora": nn.ModuleDict({a: nn.Linear(2, 2) for a in
+                                                                         ("default", "phase1", "phase2")})})
+    obj.student = PhasedStudent([net], obj.times, adapters=["default", "phase1", "phase2"])
+    base = net["base"].weight.clone()
+    two = net["lora"]["phase2"].weight.clone()
+    obj.reset_groups(10)
+    assert torch.equal(net["lora"]["phase1"].weight, net["lora"]["default"].weight)
+    assert torch.equal(net["lora"]["phase2"].weight, two) and torch.equal(net["base"].weight, base)
+    obj.reset_groups(20)
+    assert torch.equal(net["lora"]["phase2"].weight, net["lora"]["phase1"].weight)
+
+
 def test_bad_options_are_one_line_errors():
     with pytest.raises(ValueError, match="objective.experts must be 'separate' or 'shared', got 'many'"):
         _objective(experts="many")
