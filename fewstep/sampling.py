@@ -33,6 +33,30 @@ def ode_sample(denoiser, noise: Tensor, cond: Condition, steps: int, guidance_sc
     return (x, path, ts) if return_path else x
 
 
+def ode_trajectory(denoiser, noise: Tensor, cond: Condition, times: Sequence[float], steps: int,
+                   guidance_scale: Optional[float] = None) -> list:
+    """The probability-flow ODE (DDIM, as :func:`ode_sample`) from ``noise`` at ``times[0]`` to 0 through every time
+    of ``times`` (noisiest first): ``[x_{times[0]} = noise, x_{times[1]}, ..., x_0]``.
+
+    ``steps`` DDIM steps in all, spread over the segments in proportion to their length (at least one each), so
+    that the states land exactly on a few-step student's grid (which a uniform 50-step grid does not contain).
+    """
+    sched = denoiser.schedule
+    grid = [float(v) for v in times] + [0.0]
+    if any(a <= b for a, b in zip(grid[:-1], grid[1:])):
+        raise ValueError(f"ode_trajectory needs decreasing times above 0, got {list(times)}")
+    x = noise
+    states = [x]
+    for hi, lo in zip(grid[:-1], grid[1:]):
+        ts = torch.linspace(hi, lo, max(1, round(steps * (hi - lo) / grid[0])) + 1).tolist()
+        for a, b in zip(ts[:-1], ts[1:]):
+            t = torch.full((x.shape[0],), a, device=x.device)
+            x0 = denoiser(x, t, cond, guidance_scale=guidance_scale)
+            x = x0 if b == 0.0 else sched.ddim_step(x0, x, t, torch.full_like(t, b))
+        states.append(x)
+    return states
+
+
 def few_step_sample(denoiser, noise: Tensor, cond: Condition, times: Sequence[float],
                     generator: Optional[torch.Generator] = None, guidance_scale: Optional[float] = None) -> Tensor:
     """Multi-step student sampler (DMD2 / LCM): denoise at ``times[i]``, re-noise with fresh noise to ``times[i+1]``.

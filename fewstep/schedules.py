@@ -154,6 +154,13 @@ class NoiseSchedule:
         eps = (x_t - a_t * x0) / s_t.clamp_min(1e-20)
         return self.add_noise(x0, eps, s)
 
+    def ddim_x0(self, x_t: Tensor, x_s: Tensor, t: Tensor, s: Tensor) -> Tensor:
+        """The x0-prediction at ``(x_t, t)`` whose :meth:`ddim_step` lands on ``x_s`` at ``s < t``: the inverse of the
+        DDIM move, ``x_s = (a_s - s_s a_t / s_t) x0 + (s_s / s_t) x_t`` solved for x0 (``s = 0``: ``x_s`` itself)."""
+        a_t, s_t = _bcast(self.alpha(t), x_t), _bcast(self.sigma(t), x_t).clamp_min(1e-20)
+        a_s, s_s = _bcast(self.alpha(s), x_t), _bcast(self.sigma(s), x_t)
+        return (x_s - (s_s / s_t) * x_t) / (a_s - s_s * a_t / s_t)
+
     # discrete-timestep mapping: identity unless the schedule is discrete
     def t_to_timestep(self, t: Tensor) -> Tensor:
         return t

@@ -90,10 +90,10 @@ def test_dmd_regression_pairs_are_cached(tmp_path):
     from fewstep.conditions import Condition
 
     d = load_file(str(pairs))
-    assert d["noise"].shape == (256, 2) and d["target"].shape == (256, 2)
+    assert d["path.0"].shape == (256, 2) and d["path.1"].shape == (256, 2) and "path.2" not in d
     teacher = GMMTeacher(load_mixture("ring8"))
-    y = ode_sample(teacher, d["noise"][:8], Condition(class_labels=d["cond.class_labels"][:8]), 20)
-    assert torch.allclose(y, d["target"][:8], atol=1e-5)
+    y = ode_sample(teacher, d["path.0"][:8], Condition(class_labels=d["cond.class_labels"][:8]), 20)
+    assert torch.allclose(y, d["path.1"][:8], atol=1e-5)
     assert any("loss_reg_mse" in h for h in [json.dumps(x) for x in m["history_tail"]])
 
 
@@ -225,8 +225,8 @@ def test_backward_simulation_values():
     assert ph.phased is not None and isinstance(ph.student, PhasedStudent) and ph.student.num_experts == 1
     assert ph.phased.config.transition == "renoise" and ph.phased.config.dm_times == "phase"
     assert ph.export_spec()["scheduler"] == "LCMScheduler"
-    with pytest.raises(ValueError, match="reg_weight"):
-        _objective(steps=2, reg_weight=0.25)
+    reg = _objective(steps=2, reg_weight=0.25)  # DMD's regression, per exit on the teacher's ODE states (phased_dmd)
+    assert reg.phased.config.reg_weight == 0.25 and reg.phased.config.transition == "renoise"
 
 
 PER_EXIT_GAN = ["student.steps=2", "objective.backward_simulation=per_exit", "train.batch_size=64", "objective.gan_weight=0.01", "objective.critic_steps=2",
@@ -290,3 +290,16 @@ def test_ttur_critic_steps_matter(tmp_path):
     five = _distill(tmp_path / "five")
     one = _distill(tmp_path / "one", "objective.critic_steps=1")
     assert five["eval"]["student"]["energy_distance"] < one["eval"]["student"]["energy_distance"]
+
+
+def test_phased_exits_take_the_regression_term_beside_the_anchor(tmp_path):
+    """dmd2 at 2 steps (exits one after another on one network) with the anchor and DMD's regression term: the anchor's
+    rows and the regression rows ride in one forward; the anchor is zero at the first step of exit 1 (its snapshot is
+    the network right then, so reading the regression rows in its place would show), and both terms are logged."""
+    m = _distill(tmp_path, "student.steps=2", "objective.phase_steps=3", "train.max_steps=5", "objective.critic_steps=1",
+                 "train.log_every=1", "objective.anchor_weight=0.1", "objective.reg_weight=1", "objective.reg_pairs=64",
+                 "objective.reg_ode_steps=10", "train.batch_size=32")
+    hist = {h["step"]: h for h in m["history_tail"]}
+    assert hist[4]["student/loss_anchor"] < 1e-10 < hist[5]["student/loss_anchor"], hist
+    assert all(hist[s]["student/loss_reg_mse"] > 0 for s in (3, 4, 5)), hist
+    assert (tmp_path / "run" / "regression_paths_2step.safetensors").is_file()

@@ -163,7 +163,7 @@ def test_dmd_regression_pairs_use_data_prompts(tiny_pipelines, tmp_path):
     assert m["objective"] == "dmd"
     assert any("student/loss_reg_mse" in h and np.isfinite(h["student/loss_reg_mse"]) for h in m["history_tail"])
     pairs = load_file(str(tmp_path / "run" / "regression_pairs.safetensors"))
-    assert pairs["noise"].shape[0] == pairs["target"].shape[0] == pairs["cond.prompt_embeds"].shape[0] == 6
+    assert pairs["path.0"].shape[0] == pairs["path.1"].shape[0] == pairs["cond.prompt_embeds"].shape[0] == 6
     teacher = load_teacher(tiny_pipelines["sdxl"], 1.0, "float32")
     enc = teacher.encode_prompts(prompts)
     used = set()

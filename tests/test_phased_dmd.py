@@ -309,3 +309,81 @@ def test_phased_dmd_keeps_modes_and_spread(tmp_path, mixture, steps):
     assert ev["student"]["modes_covered"] == ev["student"]["num_modes"], m["table"]
     assert ev["student"]["energy_distance"] <= 1.5 * ev["teacher"]["energy_distance"], m["table"]
     assert 0.9 <= ev["student"]["spread"] <= 1.1, m["table"]
+
+
+# ---- trajectory regression (objective.reg_weight) ---------------------------------------------------------------
+@pytest.mark.parametrize("schedule", ["vp", "flow"])
+def test_ddim_x0_inverts_the_ddim_move(schedule):
+    from fewstep.schedules import make_schedule
+
+    sched = make_schedule(schedule)
+    g = torch.Generator().manual_seed(0)
+    x_t, x_s = torch.randn(6, 3, generator=g), torch.randn(6, 3, generator=g)
+    t = torch.tensor([0.9, 0.9, 0.6, 0.6, 0.3, 0.3])
+    for s in (t - 0.2, torch.zeros_like(t)):
+        x0 = sched.ddim_x0(x_t, x_s, t, s)
+        assert torch.allclose(sched.ddim_step(x0, x_t, t, s), x_s, atol=1e-5)
+    assert torch.equal(sched.ddim_x0(x_t, x_s, t, torch.zeros_like(t)), x_s)
+
+
+def test_ode_trajectory_lands_on_the_student_grid():
+    """The states at the grid equal a plain uniform DDIM run's where the grids coincide, and the path ends at its
+    sample; an unsorted grid is a one-line error."""
+    from fewstep.conditions import Condition
+    from fewstep.sampling import ode_sample, ode_trajectory
+
+    _, teacher = _objective(steps=2)
+    z = torch.randn(32, *teacher.sample_shape, generator=torch.Generator().manual_seed(1))
+    cond = Condition(class_labels=torch.arange(32) % 4)
+    states = ode_trajectory(teacher, z, cond, [1.0, 0.5], 20)
+    y, path, ts = ode_sample(teacher, z, cond, 20, return_path=True)
+    assert len(states) == 3 and states[0] is z
+    assert ts[10] == 0.5 and torch.allclose(states[1], path[10], atol=1e-5) and torch.allclose(states[2], y, atol=1e-5)
+    with pytest.raises(ValueError, match=r"decreasing times above 0, got \[0.5, 1.0\]"):
+        ode_trajectory(teacher, z, cond, [0.5, 1.0], 20)
+
+
+@pytest.mark.parametrize("transition", ["ddim", "renoise"])
+def test_regression_targets_retrace_the_teacher_ode(transition):
+    """Expert k's target x0* from the teacher's ODE states: with DDIM moves, the move from x_{t_k} with x0* lands on the
+    teacher's x_{t_{k+1}} (so a student that meets every target is the teacher's ODE at K steps); with re-noising
+    transitions every target is the teacher's final sample."""
+    from fewstep.conditions import Condition
+    from fewstep.sampling import ode_trajectory
+
+    obj, teacher = _objective(steps=4, transition=transition)
+    z = torch.randn(16, *teacher.sample_shape, generator=torch.Generator().manual_seed(2))
+    path = ode_trajectory(teacher, z, Condition(class_labels=torch.arange(16) % 4), obj.times, 40)
+    targets = obj.regression_targets(path)
+    assert len(targets) == 4 and torch.equal(targets[-1], path[-1])
+    for k in range(3):
+        if transition == "renoise":
+            assert torch.equal(targets[k], path[-1])
+        else:
+            assert torch.allclose(obj._move(targets[k], path[k], k)[1], path[k + 1], atol=1e-4)
+            assert not torch.allclose(targets[k], path[-1], atol=1e-2)  # not the endpoint: the landing point
+
+
+def test_trajectory_regression_pulls_the_sampler_onto_the_teacher_ode(tmp_path):
+    """reg_weight > 0: the ODE paths are cached at the student's grid and the term is logged; trained on it alone
+    (dm_weight=0) the 2-step student maps the cached noise to the teacher's ODE samples (the noise -> sample pairing
+    it started far from: the initial student is the teacher at 2 DDIM steps)."""
+    from safetensors.torch import load_file
+
+    from fewstep.api import load_run
+    from fewstep.conditions import Condition
+
+    m = _run(tmp_path, "reg", "teacher.path=gmm:uneq6", "student.steps=2", "train.max_steps=300", "train.log_every=1",
+             "objective.critic_steps=1", "objective.dm_weight=0", "objective.reg_weight=1", "objective.reg_pairs=256",
+             "objective.reg_ode_steps=20")
+    d = load_file(str(tmp_path / "reg" / "regression_paths_2step.safetensors"))
+    assert d["path.0"].shape == d["path.2"].shape == (256, 2) and "path.3" not in d
+    assert any("student/loss_reg_mse" in h for h in m["history_tail"])
+    z, y, cond = d["path.0"], d["path.2"], Condition(class_labels=d["cond.class_labels"])
+    _, teacher, _, obj = load_run(str(tmp_path / "reg"))
+    err = {}
+    with torch.no_grad():
+        err["init"] = float(((obj.sample(obj.student, z, cond) - y) ** 2).mean())
+        trained = teacher.load_student(tmp_path / "reg" / teacher.student_folder, obj)
+        err["trained"] = float(((obj.sample(trained, z, cond) - y) ** 2).mean())
+    assert err["trained"] < 0.25 * err["init"], err

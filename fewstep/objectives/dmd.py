@@ -29,9 +29,9 @@ from torch import Tensor, nn
 
 from .. import losses
 from ..conditions import Condition
-from ..sampling import ode_sample
 from ..teachers.base import frozen
-from .base import Batch, LossOutput, Objective, ObjectiveConfig, conditioning_sampler, conditioning_time, register
+from .base import (Batch, LossOutput, Objective, ObjectiveConfig, cached_ode_paths, conditioning_sampler,
+                   conditioning_time, register)
 from .critics import Critic, GANHead, _plain, fake_score  # noqa: F401  (re-exported)
 
 
@@ -163,9 +163,6 @@ class DMD2(Objective):
             raise ValueError("objective.gan_weight and objective.reg_weight must be >= 0")
         self.phased = None
         if self.exit_rule == "phased" and self.steps > 1:
-            if c.reg_weight > 0:
-                raise ValueError("objective.reg_weight > 0 (DMD regression) with a multi-step student needs "
-                                 "objective.backward_simulation=per_exit, dmd2 or last, not phased")
             from .phased_dmd import PhasedDMD, PhasedDMDConfig
 
             self.phased = PhasedDMD(PhasedDMDConfig(
@@ -173,7 +170,8 @@ class DMD2(Objective):
                 max_t=c.max_t, critic_steps=c.critic_steps, critic_lr_scale=c.critic_lr_scale,
                 critic_t_min=c.critic_t_min, guidance_scale=c.guidance_scale, gan_weight=c.gan_weight,
                 gan_disc_weight=c.gan_disc_weight, dm_fp32=c.dm_fp32, anchor_weight=c.anchor_weight,
-                student_opt_reset=c.student_opt_reset, reset_warmup_steps=c.reset_warmup_steps), teacher,
+                student_opt_reset=c.student_opt_reset, reset_warmup_steps=c.reset_warmup_steps,
+                dm_weight=c.dm_weight, reg_weight=c.reg_weight, reg_pairs=c.reg_pairs, reg_ode_steps=c.reg_ode_steps), teacher,
                 student_steps)
             self.student, self.critic = self.phased.student, self.phased.critic
             self.guidance, self.disc_weight, self.reg, self.per_exit = self.phased.guidance, 0.0, None, False
@@ -239,10 +237,12 @@ class DMD2(Objective):
         return self.config.critic_lr_scale if group == "critic" else 1.0
 
     def setup(self, run_dir, accelerator, data=None):
-        if self.phased is not None:
+        if self.phased is not None:  # its own regression term: per exit, on the teacher's ODE states (phased_dmd)
             self.phased.setup(run_dir, accelerator, data)
-        if self.config.reg_weight > 0:
-            self.reg = self._regression_pairs(Path(run_dir) / "regression_pairs.safetensors", accelerator, data)
+        elif self.config.reg_weight > 0:
+            c = self.config
+            self.reg = cached_ode_paths(Path(run_dir) / "regression_pairs.safetensors", self.teacher, c.reg_pairs,
+                                        c.reg_ode_steps, self.guidance, accelerator, data)
 
     # ---- student rollout (backward simulation) --------------------------------------------------
     def _rollout_input(self, student_plain, batch: Batch, cond: Condition):
@@ -354,9 +354,8 @@ class DMD2(Objective):
         cond = batch.cond
         n_reg = 0
         if self.reg is not None:  # one forward over [main batch, regression pairs] (one DDP forward per step)
-            idx = torch.randint(len(self.reg["noise"]), (batch.size,), generator=batch.generator)
-            z_ref = self.reg["noise"][idx].to(batch.device)
-            y_ref = self.reg["target"][idx].to(batch.device)
+            idx = torch.randint(len(self.reg["path"][0]), (batch.size,), generator=batch.generator)
+            z_ref, y_ref = (v[idx].to(batch.device) for v in self.reg["path"])
             x_in = torch.cat([x_in, z_ref])
             t_in = torch.cat([t_in, torch.full_like(t_in, self.times[0])])
             cond = Condition.cat([cond, self.reg["cond"][idx].to(batch.device)])
@@ -429,39 +428,6 @@ class DMD2(Objective):
             total = loss_dsm
         logs["loss_critic_dsm"] = loss_dsm.detach()
         return LossOutput(total, logs)
-
-    # ---- DMD regression pairs -------------------------------------------------------------------
-    def _regression_pairs(self, path: Path, accelerator, data=None) -> dict:
-        """(noise, teacher ODE sample, condition) pairs, generated once and cached in the run folder; the conditions
-        come from the run's data source (``data.prompts`` for text-conditioned teachers)."""
-        from safetensors.torch import load_file, save_file
-
-        if accelerator.is_main_process and not path.exists():
-            g = torch.Generator().manual_seed(1234)
-            c = self.config
-            noises, targets, conds = [], [], []
-            dev = accelerator.device
-            bs = 256
-            for i in range(0, c.reg_pairs, bs):
-                n = min(bs, c.reg_pairs - i)
-                cond = self.teacher.sample_conditions(n, g, data)
-                z = torch.randn((n, *self.teacher.sample_shape), generator=g)
-                y = ode_sample(self.teacher, z.to(dev), cond.to(dev), c.reg_ode_steps, guidance_scale=self.guidance)
-                noises.append(z)
-                targets.append(y.cpu())
-                conds.append(cond)
-            cond = Condition.cat(conds)
-            tensors = {"noise": torch.cat(noises).contiguous(), "target": torch.cat(targets).contiguous()}
-            for k, v in vars(cond).items():
-                if v is not None:
-                    tensors[f"cond.{k}"] = v.contiguous()
-            tmp = path.with_suffix(".tmp")
-            save_file(tensors, str(tmp))
-            tmp.replace(path)
-        accelerator.wait_for_everyone()
-        d = load_file(str(path))
-        cond = Condition(**{k[5:]: v for k, v in d.items() if k.startswith("cond.")})
-        return {"noise": d["noise"], "target": d["target"], "cond": cond}
 
 
 @register

@@ -55,6 +55,7 @@ class PhasedDMDConfig(ObjectiveConfig):
     max_t: float = 0.98
     critic_steps: int = 5  # student updates once every this many critic updates (TTUR, as DMD2)
     critic_lr_scale: float = 1.0
+    dm_weight: float = 1.0  # the distribution-matching term's weight (0: the regression term alone)
     critic_reset: bool = True  # re-initialise the critic from the teacher (and its optimizer) at each phase start
     critic_t_min: float = 0.001  # critic times: (t_{k+1} + critic_t_min * (1 - t_{k+1}), 1]
     critic_target: str = "unbiased"  # unbiased subinterval score-matching target, or "naive" (x_{t_k} as data; biased)
@@ -79,6 +80,12 @@ class PhasedDMDConfig(ObjectiveConfig):
     # experts=separate: what expert k (k >= 1) starts from at its phase start: "teacher" (a copy of the teacher, as in
     # the paper) or "previous" (expert k-1's trained weights: a sharp one-step generator one phase noisier)
     expert_init: str = "teacher"
+    # trajectory regression (DMD's regression term, per phase): expert k, fed the teacher's ODE state x_{t_k}, is pulled
+    # (MSE on x0, this weight) to the x0 whose move lands on the teacher's x_{t_{k+1}} (transition=renoise: on the
+    # teacher's final sample); reg_pairs ODE paths of reg_ode_steps DDIM steps, cached in the run folder; 0 = off
+    reg_weight: float = 0.0
+    reg_pairs: int = 1024
+    reg_ode_steps: int = 50
 
 
 class PhasedStudent(nn.Module):
@@ -203,6 +210,12 @@ class PhasedDMD(Objective):
         self._anchor_phase = -1
         self._phases_seen: set = set()  # phases this process has trained in (a fresh anchor needs phase k - 1 seen)
         self._run_dir = None
+        if c.dm_weight < 0:
+            raise ValueError(f"objective.dm_weight must be >= 0, got {c.dm_weight}")
+        if c.reg_weight < 0 or c.reg_pairs < 1 or c.reg_ode_steps < self.steps:
+            raise ValueError(f"objective.reg_weight must be >= 0, reg_pairs >= 1 and reg_ode_steps >= student.steps "
+                             f"({self.steps}); got {c.reg_weight}, {c.reg_pairs}, {c.reg_ode_steps}")
+        self.reg: Optional[dict] = None  # {"input": [x_{t_k}], "target": [x0*_k], "cond"}: setup() with reg_weight > 0
 
     def _build_student(self, separate: bool) -> PhasedStudent:
         first = self.teacher.new_network("student")
@@ -351,6 +364,26 @@ class PhasedDMD(Objective):
         from pathlib import Path
 
         self._run_dir = Path(run_dir)  # the anchor snapshots of experts=shared are kept there (resume)
+        c = self.config
+        if c.reg_weight > 0:
+            from .base import cached_ode_paths
+
+            ode = cached_ode_paths(self._run_dir / f"regression_paths_{self.steps}step.safetensors", self.teacher,
+                                   c.reg_pairs, c.reg_ode_steps, self.guidance, accelerator, data, times=self.times)
+            self.reg = {"input": ode["path"][:-1], "target": self.regression_targets(ode["path"]), "cond": ode["cond"]}
+
+    def regression_targets(self, path: list) -> list:
+        """Expert k's x0 target from the teacher's ODE states ``path = [x_{t_0}, ..., x_{t_K} = x_0]``: the x0 whose
+        DDIM/Euler move from ``x_{t_k}`` lands on ``x_{t_{k+1}}`` (so the K-step sampler retraces the teacher's ODE);
+        with ``transition=renoise`` (the next input is re-noised, not moved) the teacher's final sample."""
+        sched, out = self.teacher.schedule, []
+        for k in range(self.steps):
+            if k == self.steps - 1 or self.config.transition == "renoise":
+                out.append(path[-1])
+                continue
+            t = torch.full((path[k].shape[0],), self.bounds[k])
+            out.append(sched.ddim_x0(path[k], path[k + 1], t, torch.full_like(t, self.bounds[k + 1])))
+        return out
 
     def lr_scale(self, group):
         return self.config.critic_lr_scale if group == "critic" else 1.0
@@ -451,11 +484,18 @@ class PhasedDMD(Objective):
         student, critic = nets["student"], nets["critic"]
         states = [] if self.anchored and k > 0 else None
         x_in = self._phase_input(_plain(student), batch, k, states)
-        if states:  # one forward for exit k and the anchor's inputs (one DDP forward per step)
-            xa, ta, ca = self.anchor_inputs(states, batch.cond)
-            n = x_in.shape[0]
-            out = student(torch.cat([x_in, xa]), torch.cat([torch.full((n,), self.bounds[k], device=xa.device), ta]),
-                          Condition.cat([batch.cond, ca]))
+        n = x_in.shape[0]
+        extra = []  # (x, t, cond) rows that ride along in the student's forward (one DDP forward per step)
+        if states:  # the anchor's inputs: the earlier exits'
+            extra.append(self.anchor_inputs(states, batch.cond))
+        if self.reg is not None:  # the teacher's ODE states at t_k
+            idx = torch.randint(len(self.reg["input"][k]), (n,), generator=batch.generator)
+            x_r = self.reg["input"][k][idx].to(x_in.device)
+            extra.append((x_r, torch.full((n,), self.bounds[k], device=x_in.device), self.reg["cond"][idx].to(x_in.device)))
+        if extra:
+            out = student(torch.cat([x_in] + [e[0] for e in extra]),
+                          torch.cat([torch.full((n,), self.bounds[k], device=x_in.device)] + [e[1] for e in extra]),
+                          Condition.cat([batch.cond] + [e[2] for e in extra]))
             x0, x_out = self._move(out[:n], x_in, k, batch.randn)
         else:
             x0, x_out = self._step(student, x_in, k, batch.cond, batch.randn)
@@ -470,7 +510,7 @@ class PhasedDMD(Objective):
         loss_dm, grad = losses.dm_loss(x0, real, fake)
         logs = {"phase": float(k), "loss_dm": loss_dm.detach(), "dm_grad_norm": grad.flatten(1).norm(dim=1).mean(),
                 "x0_gap_teacher_critic": (real - fake).abs().mean()}
-        total = loss_dm
+        total = c.dm_weight * loss_dm
         if c.gan_weight > 0:
             tg = self._sub_times(k, c.critic_t_min, 1.0, batch)
             xg, _, _ = self._renoised(x_out, k, tg, batch)
@@ -481,10 +521,16 @@ class PhasedDMD(Objective):
             total = total + c.gan_weight * loss_g
             logs["loss_gan_g"] = loss_g.detach()
         if states:  # experts=shared, phase k > 0: keep the earlier steps where phase k started
+            xa, ta, ca = extra[0]
             self._take_anchor(_plain(student), k)
-            loss_a = self.anchor_loss(out[n:], _plain(student), xa, ta, ca)
+            loss_a = self.anchor_loss(out[n: n + len(xa)], _plain(student), xa, ta, ca)
             total = total + c.anchor_weight * loss_a
             logs["loss_anchor"] = loss_a.detach()
+        if self.reg is not None:
+            y_r = self.reg["target"][k][idx].to(x_in.device)
+            loss_r = torch.nn.functional.mse_loss(out[len(out) - n:].float(), y_r.float())
+            total = total + c.reg_weight * loss_r
+            logs["loss_reg_mse"] = loss_r.detach()
         return LossOutput(total, logs)
 
     def critic_targets(self, kind: str, x_s: Tensor, k: int, t: Tensor, batch: Batch):
