@@ -387,3 +387,29 @@ def test_trajectory_regression_pulls_the_sampler_onto_the_teacher_ode(tmp_path):
         trained = teacher.load_student(tmp_path / "reg" / teacher.student_folder, obj)
         err["trained"] = float(((obj.sample(trained, z, cond) - y) ** 2).mean())
     assert err["trained"] < 0.25 * err["init"], err
+
+
+@pytest.mark.parametrize("experts", ["shared", "separate"])
+def test_regression_rows_cover_the_exits_the_network_serves(experts):
+    """Phase 2 of 4: one shared network takes the regression term at every exit trained so far (its times 0..2: it
+    holds the earlier exits too), separate experts only at their own (the earlier experts are frozen)."""
+    from fewstep.conditions import Condition
+    from fewstep.objectives.base import Batch
+    from fewstep.sampling import ode_trajectory
+
+    obj, teacher = _objective(steps=4, experts=experts, reg_weight=1.0)
+    obj.set_max_steps(40)
+    z = torch.randn(64, *teacher.sample_shape, generator=torch.Generator().manual_seed(3))
+    cond = Condition(class_labels=torch.arange(64) % 4)
+    path = ode_trajectory(teacher, z, cond, obj.times, 20)
+    obj.reg = {"input": path[:-1], "target": obj.regression_targets(path), "cond": cond}
+    seen = []
+    hook = obj.student.register_forward_hook(lambda m, args, out: seen.append(args[1].tolist()))
+    batch = Batch(size=256, cond=teacher.sample_conditions(256, torch.Generator().manual_seed(4)),
+                  generator=torch.Generator().manual_seed(5), device=torch.device("cpu"))
+    out = obj.loss("student", batch, 25, {"student": obj.student, "critic": obj.critic})
+    hook.remove()
+    assert obj.phase(25) == 2 and "loss_reg_mse" in out.logs
+    reg_times = set(seen[-1][256:])  # the rows after the phase's own batch: the regression rows
+    want = set(obj.times[:3]) if experts == "shared" else {obj.times[2]}
+    assert reg_times == want, (reg_times, want)

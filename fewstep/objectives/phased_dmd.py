@@ -82,7 +82,8 @@ class PhasedDMDConfig(ObjectiveConfig):
     expert_init: str = "teacher"
     # trajectory regression (DMD's regression term, per phase): expert k, fed the teacher's ODE state x_{t_k}, is pulled
     # (MSE on x0, this weight) to the x0 whose move lands on the teacher's x_{t_{k+1}} (transition=renoise: on the
-    # teacher's final sample); reg_pairs ODE paths of reg_ode_steps DDIM steps, cached in the run folder; 0 = off
+    # teacher's final sample); one shared network takes it at every exit trained so far (0..k: it also holds the
+    # earlier exits in place); reg_pairs ODE paths of reg_ode_steps DDIM steps, cached in the run folder; 0 = off
     reg_weight: float = 0.0
     reg_pairs: int = 1024
     reg_ode_steps: int = 50
@@ -488,10 +489,14 @@ class PhasedDMD(Objective):
         extra = []  # (x, t, cond) rows that ride along in the student's forward (one DDP forward per step)
         if states:  # the anchor's inputs: the earlier exits'
             extra.append(self.anchor_inputs(states, batch.cond))
-        if self.reg is not None:  # the teacher's ODE states at t_k
+        if self.reg is not None:  # the teacher's ODE states at t_k (one shared network: at the exits 0..k)
             idx = torch.randint(len(self.reg["input"][k]), (n,), generator=batch.generator)
-            x_r = self.reg["input"][k][idx].to(x_in.device)
-            extra.append((x_r, torch.full((n,), self.bounds[k], device=x_in.device), self.reg["cond"][idx].to(x_in.device)))
+            ks = torch.randint(k + 1, (n,), generator=batch.generator) if self.student.num_experts == 1 else \
+                torch.full((n,), k)
+            x_r = torch.stack([self.reg["input"][j][i] for j, i in zip(ks.tolist(), idx.tolist())]).to(x_in.device)
+            y_r = torch.stack([self.reg["target"][j][i] for j, i in zip(ks.tolist(), idx.tolist())]).to(x_in.device)
+            t_r = torch.tensor([self.bounds[j] for j in ks.tolist()], device=x_in.device)
+            extra.append((x_r, t_r, self.reg["cond"][idx].to(x_in.device)))
         if extra:
             out = student(torch.cat([x_in] + [e[0] for e in extra]),
                           torch.cat([torch.full((n,), self.bounds[k], device=x_in.device)] + [e[1] for e in extra]),
@@ -527,7 +532,6 @@ class PhasedDMD(Objective):
             total = total + c.anchor_weight * loss_a
             logs["loss_anchor"] = loss_a.detach()
         if self.reg is not None:
-            y_r = self.reg["target"][k][idx].to(x_in.device)
             loss_r = torch.nn.functional.mse_loss(out[len(out) - n:].float(), y_r.float())
             total = total + c.reg_weight * loss_r
             logs["loss_reg_mse"] = loss_r.detach()
