@@ -285,6 +285,12 @@ def cached_ode_paths(path, teacher, n: int, ode_steps: int, guidance_scale, acce
     path = Path(path)
     want = 2 if times is None else len(times) + 1
     if accelerator.is_main_process and not _has_paths(path, want):
+        import sys
+        import time
+
+        t0 = time.perf_counter()
+        print(f"fewstep: regression term: {n} teacher ODE paths of {ode_steps} DDIM steps -> {path} (once)",
+              file=sys.stderr, flush=True)
         g = torch.Generator().manual_seed(1234)
         paths, conds = [[] for _ in range(want)], []
         dev = accelerator.device
@@ -308,6 +314,7 @@ def cached_ode_paths(path, teacher, n: int, ode_steps: int, guidance_scale, acce
         tmp = path.with_suffix(".tmp")
         save_file(tensors, str(tmp))
         tmp.replace(path)
+        print(f"fewstep: regression term: paths cached in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     accelerator.wait_for_everyone()
     d = load_file(str(path))
     return {"path": [d[f"path.{j}"] for j in range(want)],
