@@ -227,6 +227,9 @@ def test_backward_simulation_values():
     assert ph.export_spec()["scheduler"] == "LCMScheduler"
     reg = _objective(steps=2, reg_weight=0.25)  # DMD's regression, per exit on the teacher's ODE states (phased_dmd)
     assert reg.phased.config.reg_weight == 0.25 and reg.phased.config.transition == "renoise"
+    assert _objective(steps=2, dm_times="above").phased.config.dm_times == "above"
+    with pytest.raises(ValueError, match="objective.dm_times must be 'above' or 'phase', got 'all'"):
+        _objective(steps=2, dm_times="all")
 
 
 PER_EXIT_GAN = ["student.steps=2", "objective.backward_simulation=per_exit", "train.batch_size=64", "objective.gan_weight=0.01", "objective.critic_steps=2",

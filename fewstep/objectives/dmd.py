@@ -112,6 +112,9 @@ class DMD2Config(ObjectiveConfig):
     # exits, the published recipe) or "last" (always the last exit); see BACKWARD_SIMULATION
     backward_simulation: str = "phased"
     phase_steps: int = 0  # "phased": steps per exit; 0 splits train.max_steps evenly
+    # "phased": DM and critic times of exit k within its own range (t_{k+1}, t_k] ("phase") or anywhere above t_{k+1}
+    # ("above", Phased DMD's paper range; phased_dmd's objective.dm_times)
+    dm_times: str = "phase"
     # "phased": while exit k trains, an MSE term (this weight) keeps the shared network's x0 at the earlier exits'
     # inputs on a frozen snapshot of its trainable weights (a LoRA: the adapter) taken when exit k's phase started:
     # the earlier exits no longer drift (phased_dmd's objective.anchor_weight; README "Multi-step students"); 0 = off
@@ -166,7 +169,7 @@ class DMD2(Objective):
             from .phased_dmd import PhasedDMD, PhasedDMDConfig
 
             self.phased = PhasedDMD(PhasedDMDConfig(
-                experts="shared", transition="renoise", dm_times="phase", phase_steps=c.phase_steps, min_t=c.min_t,
+                experts="shared", transition="renoise", dm_times=c.dm_times, phase_steps=c.phase_steps, min_t=c.min_t,
                 max_t=c.max_t, critic_steps=c.critic_steps, critic_lr_scale=c.critic_lr_scale,
                 critic_t_min=c.critic_t_min, guidance_scale=c.guidance_scale, gan_weight=c.gan_weight,
                 gan_disc_weight=c.gan_disc_weight, dm_fp32=c.dm_fp32, anchor_weight=c.anchor_weight,
