@@ -174,6 +174,34 @@ def make_sampler_hook(teacher, objective, run_dir: Path, n: Optional[int] = None
 
 
 # ---- the whole run ----------------------------------------------------------------------------
+def _warn_changed_config(run_dir: Path, cfg, log) -> None:
+    """A run that will resume from checkpoints trained under another config says which keys changed (it continues:
+    extending ``train.max_steps`` is a normal resume; a new ``output_dir`` trains from scratch)."""
+    from .config import flatten, load_config
+    from .trainer import list_checkpoints
+
+    prev = run_dir / "config.yaml"
+    if not (cfg.train.resume and prev.is_file() and list_checkpoints(run_dir)):
+        return
+    def resolved(c) -> dict:  # the objective's keys with its defaults filled in
+        flat = {k: v for k, v in flatten(c).items() if not k.startswith("objective.")}
+        obj = dict(c.objective)
+        flat.update(flatten(build_objective_config(obj.pop("name", "dmd2"), obj)[1], "objective"))
+        return flat
+
+    try:
+        old = resolved(load_config(str(prev)))
+    except Exception:  # an unreadable or older-format config: nothing to compare against
+        return
+    new = resolved(cfg)
+    changed = [f"{k} {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}" for k in sorted(set(old) | set(new))
+               if k != "output_dir" and old.get(k) != new.get(k)]
+    if changed:
+        more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
+        log(f"fewstep: warning: resuming {run_dir}, whose checkpoints were trained under another config: "
+            f"{'; '.join(changed[:8])}{more} (a new output_dir trains from scratch)")
+
+
 def distill(cfg, log=print) -> dict:
     """Train per ``cfg``; export the student; write ``metrics.json``. Returns the metrics."""
     from .trainer import Trainer
@@ -183,6 +211,7 @@ def distill(cfg, log=print) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, teacher, objective, data, run_dir, log=log)
     if trainer.acc.is_main_process:
+        _warn_changed_config(run_dir, cfg, log)
         dump_config(cfg, run_dir / "config.yaml")
     hook = make_sampler_hook(teacher, objective, run_dir)
     fit = trainer.fit(on_sample=hook)

@@ -222,7 +222,8 @@ def test_benchmark_rows_and_skips(tiny_teacher, tmp_path, monkeypatch):
         return any("copy: reusing" in l for l in logs)
     assert not reused() and reused()
     cfg.write_text(cfg.read_text() + "\n# edited\n")
-    assert not reused()
+    assert not reused()  # ... and from scratch: not resumed from the checkpoints of the earlier spec
+    assert "resumed from" not in (tmp_path / "bench" / "logs" / "copy.log").read_text()
     with pytest.raises(Exception, match="eval_seeds must be >= 1, got 0"):
         digits.run_benchmark(str(tmp_path / "bench"), rows=rows[:1], eval_seeds=0)
 

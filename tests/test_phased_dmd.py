@@ -413,3 +413,23 @@ def test_regression_rows_cover_the_exits_the_network_serves(experts):
     reg_times = set(seen[-1][256:])  # the rows after the phase's own batch: the regression rows
     want = set(obj.times[:3]) if experts == "shared" else {obj.times[2]}
     assert reg_times == want, (reg_times, want)
+
+
+def test_resume_under_a_changed_config_says_what_changed(tmp_path):
+    """Resuming a run folder whose checkpoints were trained under another config names the changed keys (and not
+    output_dir); an unchanged resume says nothing."""
+    from fewstep.api import distill
+    from fewstep.config import load_config
+
+    def run(*extra):
+        logs = []
+        cfg = load_config("configs/gmm_phased_dmd.yaml", ["train.tracker=none", f"output_dir={tmp_path}/r",
+                                                          "teacher.path=gmm:line4", "train.batch_size=16",
+                                                          "student.steps=2", "train.max_steps=4", *extra])
+        distill(cfg, log=logs.append)
+        return [l for l in logs if "trained under another config" in l]
+
+    assert run() == [] and run() == []
+    (warn,) = run("objective.dm_times=above", "train.max_steps=6")
+    assert "objective.dm_times phase -> above" in warn and "train.max_steps 4 -> 6" in warn
+    assert "output_dir " not in warn.split(" (a new output_dir")[0]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -295,8 +296,6 @@ def teacher_dir(cfg: TeacherConfig = TeacherConfig()) -> Path:
 def ensure_teacher(cfg: TeacherConfig = TeacherConfig(), log: Callable = print, force: bool = False,
                    out: Optional[str] = None) -> Path:
     """The cached teacher pipeline folder (trained and saved on first use); ``out``: save there instead."""
-    import shutil
-
     path = Path(out) if out else teacher_dir(cfg)
     if (path / "model_index.json").is_file() and not force:
         return path
@@ -502,6 +501,11 @@ def run_benchmark(out_dir: str = "runs/bench_digits", student_steps: Optional[Se
                 students.append(str(run / "pipeline"))
                 names.append(row.label)
                 continue
+            if run.exists():  # a student of another spec (or an unfinished one): train this row from scratch, never
+                if not spec_file.is_file():  # resume checkpoints made under another config into it
+                    raise ValueError(f"{run} exists and is not a digits-benchmark row folder (no bench_row.json); "
+                                     f"pick another --out")
+                shutil.rmtree(run)
             run.mkdir(parents=True, exist_ok=True)
             spec_file.write_text(json.dumps(spec, indent=1))
             log_file = out / "logs" / f"{row.label}.log"
