@@ -263,7 +263,8 @@ def exports(tmp_path_factory):
                   f"student.lora_rank={lora}", f"objective.experts={experts}", "objective.critic_steps=1",
                   "train.max_steps=4", "train.batch_size=2", "train.lr=1e-2", "train.mixed_precision=no",
                   "train.checkpoint_every=4", "train.sample_every=0", "train.tracker=none",
-                  f"data.prompts={prompts}", f"output_dir={root / name}"]
+                  # DM times inside each phase: 2 steps a phase move the two experts measurably apart (above)
+                  "objective.dm_times=phase", f"data.prompts={prompts}", f"output_dir={root / name}"]
             if family != "sdxl":
                 ov.append("data.resolution=32")
             if family == "flux":
