@@ -105,6 +105,9 @@ def test_cache_dir_env(monkeypatch, tmp_path):
     assert digits.cache_root() == Path.home() / ".cache" / "fewstep" / "digits"
 
 
+SMALL_REG = ("objective.reg_pairs=8", "objective.reg_ode_steps=4")  # the configs' regression cache, test-sized
+
+
 @pytest.fixture(scope="module")
 def dmd2_run(tiny_teacher, tmp_path_factory):
     from fewstep.api import distill
@@ -113,7 +116,7 @@ def dmd2_run(tiny_teacher, tmp_path_factory):
     run = tmp_path_factory.mktemp("dmd2") / "run"
     cfg = load_config(str(ROOT / "configs" / "digits_dmd2.yaml"),
                       [f"teacher.path={tiny_teacher}", "student.steps=4", "train.max_steps=2", "train.batch_size=4",
-                       "train.checkpoint_every=2", f"output_dir={run}"])
+                       "train.checkpoint_every=2", *SMALL_REG, f"output_dir={run}"])
     m = distill(cfg, log=lambda *a: None)
     return run, m
 
@@ -179,7 +182,7 @@ def test_benchmark_rows_and_skips(tiny_teacher, tmp_path, monkeypatch):
     save_feature_net(DigitsCNN(width=8, feature_dim=8), clf, "digits_cnn", {"width": 8, "feature_dim": 8},
                      input_size=16, in_channels=1, num_classes=10)
     monkeypatch.setattr(digits, "ensure_teacher_and_classifier", lambda *a, **k: (tiny_teacher, clf))
-    rows = [parse_row("tiny-2step configs/digits_dmd2.yaml student.steps=2 train.batch_size=4"),
+    rows = [parse_row("tiny-2step configs/digits_dmd2.yaml student.steps=2 train.batch_size=4 " + " ".join(SMALL_REG)),
             StudentRow("later-2step", "configs/does_not_exist_yet.yaml", ("student.steps=2",))]
     logs = []
     res = digits.run_benchmark(str(tmp_path / "bench"), train_steps=2, num_images=12, teacher_steps=(1,),
@@ -192,7 +195,7 @@ def test_benchmark_rows_and_skips(tiny_teacher, tmp_path, monkeypatch):
     assert "Skipped: skipping row later-2step" in res["markdown"] and "recall" in res["markdown"]
     assert set(res["data_floor_diversity"]) >= {"precision", "recall", "density", "coverage"}
     saved = json.loads((tmp_path / "bench" / "benchmark.json").read_text())
-    assert saved["rows_spec"][0]["overrides"] == ["student.steps=2", "train.batch_size=4"]
+    assert saved["rows_spec"][0]["overrides"] == ["student.steps=2", "train.batch_size=4", *SMALL_REG]
     assert "tiny-2step_s" in saved["timings"]
     with pytest.raises(Exception, match="LABEL CONFIG"):
         parse_row("only-a-label")
@@ -213,7 +216,7 @@ def test_benchmark_rows_and_skips(tiny_teacher, tmp_path, monkeypatch):
     # a changed row spec is trained again, not reused: here the same config path with other contents
     cfg = tmp_path / "digits_dmd2.yaml"
     cfg.write_text((ROOT / "configs" / "digits_dmd2.yaml").read_text())
-    row = StudentRow("copy", str(cfg), ("student.steps=1", "train.batch_size=4"))
+    row = StudentRow("copy", str(cfg), ("student.steps=1", "train.batch_size=4", *SMALL_REG))
 
     def reused():
         logs.clear()
