@@ -355,7 +355,7 @@ def test_regression_targets_retrace_the_teacher_ode(transition):
     obj, teacher = _objective(steps=4, transition=transition)
     z = torch.randn(16, *teacher.sample_shape, generator=torch.Generator().manual_seed(2))
     path = ode_trajectory(teacher, z, Condition(class_labels=torch.arange(16) % 4), obj.times, 40)
-    targets = obj.regression_targets(path)
+    targets = obj.regression(path, None).x0
     assert len(targets) == 4 and torch.equal(targets[-1], path[-1])
     for k in range(3):
         if transition == "renoise":
@@ -403,7 +403,7 @@ def test_regression_rows_cover_the_exits_the_network_serves(experts):
     z = torch.randn(64, *teacher.sample_shape, generator=torch.Generator().manual_seed(3))
     cond = Condition(class_labels=torch.arange(64) % 4)
     path = ode_trajectory(teacher, z, cond, obj.times, 20)
-    obj.reg = {"input": path[:-1], "target": obj.regression_targets(path), "cond": cond}
+    obj.reg = obj.regression(path, cond)
     seen = []
     hook = obj.student.register_forward_hook(lambda m, args, out: seen.append(args[1].tolist()))
     batch = Batch(size=256, cond=teacher.sample_conditions(256, torch.Generator().manual_seed(4)),

@@ -40,21 +40,21 @@ def test_anchor_is_zero_at_the_snapshot_and_grows_after_an_update():
     g = torch.Generator().manual_seed(0)
     n = 64
     batch = Batch(n, teacher.sample_conditions(n, g), g, torch.device("cpu"))
-    ph._phases_seen.update({0, 1, 2})
+    ph.anchor.phases_seen.update({0, 1, 2})
     states = []
     ph._phase_input(student, batch, 3, states)
     assert len(states) == 3
-    ph._take_anchor(student, 3)
-    xa, ta, ca = ph.anchor_inputs(states, batch.cond)
+    ph.anchor.take(student, 3)
+    xa, ta, ca = ph.anchor.inputs(states, batch.cond)
     assert sorted(set(ta.tolist())) == [0.5, 0.75, 1.0]
-    loss = ph.anchor_loss(student(xa, ta, ca), student, xa, ta, ca)
+    loss = ph.anchor.loss(student(xa, ta, ca), student, xa, ta, ca)
     assert float(loss.detach()) == 0.0  # right after the snapshot the network is the snapshot
     with torch.no_grad():
         for p in student.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
     out = student(xa, ta, ca)
-    loss = ph.anchor_loss(out, student, xa, ta, ca)
+    loss = ph.anchor.loss(out, student, xa, ta, ca)
     assert float(loss) > 1e-6
     loss.backward()  # the gradient reaches the trainable weights (the snapshot is a constant)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters() if p.requires_grad)

@@ -268,69 +268,6 @@ def _renoise_sample(student, noise: Tensor, cond: Condition, times, generator, r
 _REGISTRY: dict[str, type] = {}
 
 
-def cached_ode_paths(path, teacher, n: int, ode_steps: int, guidance_scale, accelerator, data=None,
-                     times=None) -> dict:
-    """Teacher probability-flow ODE paths for regression terms, generated once (main process, seed 1234) and cached in
-    ``path`` (safetensors, written atomically); conditions come from the run's data source (``data.prompts``).
-
-    ``times`` None: ``{"path": [noise, sample]}`` (DMD's pairs: the ODE from pure noise at t = 1, ``ode_steps``
-    uniform steps).  ``times`` (a student grid, noisiest first): ``{"path": [x_{times[0]}, ..., x_{times[-1]}, x_0]}``
-    from :func:`~fewstep.sampling.ode_trajectory`.  Both with ``"cond"``: the :class:`Condition` of every row."""
-    from pathlib import Path
-
-    from safetensors.torch import load_file, save_file
-
-    from ..sampling import ode_sample, ode_trajectory
-
-    path = Path(path)
-    want = 2 if times is None else len(times) + 1
-    if accelerator.is_main_process and not _has_paths(path, want):
-        import sys
-        import time
-
-        t0 = time.perf_counter()
-        print(f"fewstep: regression term: {n} teacher ODE paths of {ode_steps} DDIM steps -> {path} (once)",
-              file=sys.stderr, flush=True)
-        g = torch.Generator().manual_seed(1234)
-        paths, conds = [[] for _ in range(want)], []
-        dev = accelerator.device
-        for i in range(0, n, 256):
-            m = min(256, n - i)
-            cond = teacher.sample_conditions(m, g, data)
-            z = torch.randn((m, *teacher.sample_shape), generator=g).to(dev)
-            with torch.no_grad():
-                if times is None:
-                    states = [z, ode_sample(teacher, z, cond.to(dev), ode_steps, guidance_scale=guidance_scale)]
-                else:
-                    states = ode_trajectory(teacher, z, cond.to(dev), times, ode_steps, guidance_scale=guidance_scale)
-            for j, x in enumerate(states):
-                paths[j].append(x.cpu())
-            conds.append(cond)
-        tensors = {f"path.{j}": torch.cat(v).contiguous() for j, v in enumerate(paths)}
-        for k, v in vars(Condition.cat(conds)).items():
-            if v is not None:
-                tensors[f"cond.{k}"] = v.contiguous()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp))
-        tmp.replace(path)
-        print(f"fewstep: regression term: paths cached in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    accelerator.wait_for_everyone()
-    d = load_file(str(path))
-    return {"path": [d[f"path.{j}"] for j in range(want)],
-            "cond": Condition(**{k[5:]: v for k, v in d.items() if k.startswith("cond.")})}
-
-
-def _has_paths(path, want: int) -> bool:
-    """``path`` holds ``want`` path tensors (an older or other-length cache is made again)."""
-    if not path.is_file():
-        return False
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return {f"path.{j}" for j in range(want)} <= set(f.keys()) and f"path.{want}" not in set(f.keys())
-
-
 def register(cls: type) -> type:
     """Class decorator: make an objective available by its ``name``."""
     _REGISTRY[cls.name] = cls

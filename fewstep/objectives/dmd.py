@@ -30,9 +30,9 @@ from torch import Tensor, nn
 from .. import losses
 from ..conditions import Condition
 from ..teachers.base import frozen
-from .base import (Batch, LossOutput, Objective, ObjectiveConfig, cached_ode_paths, conditioning_sampler,
-                   conditioning_time, register)
+from .base import Batch, LossOutput, Objective, ObjectiveConfig, conditioning_sampler, conditioning_time, register
 from .critics import Critic, GANHead, _plain, fake_score  # noqa: F401  (re-exported)
+from .regression import cached_ode_paths
 
 
 class ExitCritics(nn.Module):

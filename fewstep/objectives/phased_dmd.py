@@ -31,7 +31,9 @@ from ..conditions import Condition
 from ..schedules import _bcast
 from ..teachers.base import frozen
 from .base import Batch, LossOutput, Objective, ObjectiveConfig, register, sampler_for
+from .anchor import PhaseAnchor
 from .critics import Critic, GANHead, _plain, fake_score
+from .regression import TrajectoryRegression, cached_ode_paths
 
 EXPERT_PIPELINES = {  # teacher pipeline class -> (pipelines/ class with per-phase experts, its module)
     "StableDiffusionPipeline": ("PhasedStableDiffusionPipeline", "phased_sd15"),
@@ -151,12 +153,6 @@ class PhasedStudent(nn.Module):
         return self.expert(ks.pop())(x_t, t, cond, **kw)
 
 
-def _is_main_process() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def _activate_adapter(net: nn.Module, name: str) -> None:
     """Make ``name`` the active LoRA adapter of every peft layer (``requires_grad`` left as it is)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -207,16 +203,13 @@ class PhasedDMD(Objective):
         if c.reset_warmup_steps is not None and c.reset_warmup_steps < 0:
             raise ValueError(f"objective.reset_warmup_steps must be >= 0, got {c.reset_warmup_steps}")
         self.anchored = c.anchor_weight > 0 and self.steps > 1 and self.student.num_experts == 1
-        self._anchor: Optional[dict] = None  # trainable name -> frozen tensor, taken at the start of _anchor_phase
-        self._anchor_phase = -1
-        self._phases_seen: set = set()  # phases this process has trained in (a fresh anchor needs phase k - 1 seen)
-        self._run_dir = None
+        self.anchor = PhaseAnchor(self.bounds)
         if c.dm_weight < 0:
             raise ValueError(f"objective.dm_weight must be >= 0, got {c.dm_weight}")
         if c.reg_weight < 0 or c.reg_pairs < 1 or c.reg_ode_steps < self.steps:
             raise ValueError(f"objective.reg_weight must be >= 0, reg_pairs >= 1 and reg_ode_steps >= student.steps "
                              f"({self.steps}); got {c.reg_weight}, {c.reg_pairs}, {c.reg_ode_steps}")
-        self.reg: Optional[dict] = None  # {"input": [x_{t_k}], "target": [x0*_k], "cond"}: setup() with reg_weight > 0
+        self.reg: Optional[TrajectoryRegression] = None  # setup() with reg_weight > 0
 
     def _build_student(self, separate: bool) -> PhasedStudent:
         first = self.teacher.new_network("student")
@@ -364,27 +357,16 @@ class PhasedDMD(Objective):
     def setup(self, run_dir, accelerator, data=None):
         from pathlib import Path
 
-        self._run_dir = Path(run_dir)  # the anchor snapshots of experts=shared are kept there (resume)
+        self.anchor.run_dir = Path(run_dir)  # the anchor snapshots of experts=shared are kept there (resume)
         c = self.config
         if c.reg_weight > 0:
-            from .base import cached_ode_paths
-
-            ode = cached_ode_paths(self._run_dir / f"regression_paths_{self.steps}step.safetensors", self.teacher,
+            ode = cached_ode_paths(Path(run_dir) / f"regression_paths_{self.steps}step.safetensors", self.teacher,
                                    c.reg_pairs, c.reg_ode_steps, self.guidance, accelerator, data, times=self.times)
-            self.reg = {"input": ode["path"][:-1], "target": self.regression_targets(ode["path"]), "cond": ode["cond"]}
+            self.reg = self.regression(ode["path"], ode["cond"])
 
-    def regression_targets(self, path: list) -> list:
-        """Expert k's x0 target from the teacher's ODE states ``path = [x_{t_0}, ..., x_{t_K} = x_0]``: the x0 whose
-        DDIM/Euler move from ``x_{t_k}`` lands on ``x_{t_{k+1}}`` (so the K-step sampler retraces the teacher's ODE);
-        with ``transition=renoise`` (the next input is re-noised, not moved) the teacher's final sample."""
-        sched, out = self.teacher.schedule, []
-        for k in range(self.steps):
-            if k == self.steps - 1 or self.config.transition == "renoise":
-                out.append(path[-1])
-                continue
-            t = torch.full((path[k].shape[0],), self.bounds[k])
-            out.append(sched.ddim_x0(path[k], path[k + 1], t, torch.full_like(t, self.bounds[k + 1])))
-        return out
+    def regression(self, path: list, cond: Condition) -> TrajectoryRegression:
+        """The regression rows of the teacher's ODE states ``path`` at this student's grid and moves."""
+        return TrajectoryRegression(path, cond, self.teacher.schedule, self.bounds, self.config.transition == "renoise")
 
     def lr_scale(self, group):
         return self.config.critic_lr_scale if group == "critic" else 1.0
@@ -415,49 +397,6 @@ class PhasedDMD(Objective):
             _, x = self._step(student_plain, x, j, batch.cond, batch.randn)
         return x
 
-    # ---- anchor of the earlier steps (experts=shared) ---------------------------------------------
-    def _anchor_file(self, k: int):
-        return None if self._run_dir is None else self._run_dir / "anchor" / f"phase{k}.safetensors"
-
-    def _take_anchor(self, student_plain, k: int) -> None:
-        """The frozen snapshot of phase ``k``: the trainable weights at the phase's first step (saved in the run folder,
-        and read back from there when a run resumes mid-phase, so that a resumed run anchors to the same weights)."""
-        if self._anchor_phase == k:
-            return
-        path = self._anchor_file(k)
-        names = [n for n, p in student_plain.named_parameters() if p.requires_grad]
-        if path is not None and k - 1 not in self._phases_seen and path.is_file():  # resumed mid-phase
-            from safetensors.torch import load_file
-
-            saved = load_file(str(path))
-            dev = next(student_plain.parameters()).device
-            self._anchor = {n: saved[n].to(dev) for n in names}
-        else:
-            params = dict(student_plain.named_parameters())
-            self._anchor = {n: params[n].detach().clone() for n in names}
-            if path is not None and _is_main_process():
-                from safetensors.torch import save_file
-
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                save_file({n: v.contiguous().cpu() for n, v in self._anchor.items()}, str(tmp))
-                tmp.replace(path)
-        self._anchor_phase = k
-
-    def anchor_inputs(self, states: list, cond: Condition):
-        """The earlier steps' inputs as one batch: ``(x_{t_0..t_{k-1}}, their times, cond repeated)``."""
-        x = torch.cat(states)
-        t = torch.cat([torch.full((v.shape[0],), self.bounds[j], device=v.device) for j, v in enumerate(states)])
-        return x, t, Condition.cat([cond] * len(states))
-
-    def anchor_loss(self, out: Tensor, student_plain, x: Tensor, t: Tensor, cond: Condition) -> Tensor:
-        """MSE between the network's x0 ``out`` at the earlier steps' inputs ``(x, t)`` and the snapshot's there."""
-        from torch.func import functional_call
-
-        with torch.no_grad():
-            ref = functional_call(student_plain, self._anchor, (x, t, cond), strict=False)
-        return torch.nn.functional.mse_loss(out.float(), ref.float())
-
     def _sub_times(self, k: int, lo: float, hi: float, batch: Batch) -> Tensor:
         """Times in ``(t_{k+1}, top]`` at fractions ``[lo, hi]``; top = 1 (``above``) or ``t_k`` (``phase``)."""
         s = self.bounds[k + 1]
@@ -473,7 +412,7 @@ class PhasedDMD(Objective):
     # ---- losses ---------------------------------------------------------------------------------
     def loss(self, group, batch, step, nets):
         k = self.phase(step)
-        self._phases_seen.add(k)
+        self.anchor.phases_seen.add(k)
         if group == "student":
             return self._student_loss(batch, nets, k)
         if group == "critic":
@@ -488,15 +427,10 @@ class PhasedDMD(Objective):
         n = x_in.shape[0]
         extra = []  # (x, t, cond) rows that ride along in the student's forward (one DDP forward per step)
         if states:  # the anchor's inputs: the earlier exits'
-            extra.append(self.anchor_inputs(states, batch.cond))
+            extra.append(self.anchor.inputs(states, batch.cond))
         if self.reg is not None:  # the teacher's ODE states at t_k (one shared network: at the exits 0..k)
-            idx = torch.randint(len(self.reg["input"][k]), (n,), generator=batch.generator)
-            ks = torch.randint(k + 1, (n,), generator=batch.generator) if self.student.num_experts == 1 else \
-                torch.full((n,), k)
-            x_r = torch.stack([self.reg["input"][j][i] for j, i in zip(ks.tolist(), idx.tolist())]).to(x_in.device)
-            y_r = torch.stack([self.reg["target"][j][i] for j, i in zip(ks.tolist(), idx.tolist())]).to(x_in.device)
-            t_r = torch.tensor([self.bounds[j] for j in ks.tolist()], device=x_in.device)
-            extra.append((x_r, t_r, self.reg["cond"][idx].to(x_in.device)))
+            *rows, y_r = self.reg.rows(k, n, batch.generator, x_in.device, upto=self.student.num_experts == 1)
+            extra.append(tuple(rows))
         if extra:
             out = student(torch.cat([x_in] + [e[0] for e in extra]),
                           torch.cat([torch.full((n,), self.bounds[k], device=x_in.device)] + [e[1] for e in extra]),
@@ -527,8 +461,8 @@ class PhasedDMD(Objective):
             logs["loss_gan_g"] = loss_g.detach()
         if states:  # experts=shared, phase k > 0: keep the earlier steps where phase k started
             xa, ta, ca = extra[0]
-            self._take_anchor(_plain(student), k)
-            loss_a = self.anchor_loss(out[n: n + len(xa)], _plain(student), xa, ta, ca)
+            self.anchor.take(_plain(student), k)
+            loss_a = self.anchor.loss(out[n: n + len(xa)], _plain(student), xa, ta, ca)
             total = total + c.anchor_weight * loss_a
             logs["loss_anchor"] = loss_a.detach()
         if self.reg is not None:
