@@ -183,6 +183,7 @@ def _warn_changed_config(run_dir: Path, cfg, log) -> None:
     prev = run_dir / "config.yaml"
     if not (cfg.train.resume and prev.is_file() and list_checkpoints(run_dir)):
         return
+
     def resolved(c) -> dict:  # the objective's keys with its defaults filled in
         flat = {k: v for k, v in flatten(c).items() if not k.startswith("objective.")}
         obj = dict(c.objective)

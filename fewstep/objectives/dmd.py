@@ -19,6 +19,7 @@ student out again, without gradients.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -168,14 +169,12 @@ class DMD2(Objective):
         if self.exit_rule == "phased" and self.steps > 1:
             from .phased_dmd import PhasedDMD, PhasedDMDConfig
 
-            self.phased = PhasedDMD(PhasedDMDConfig(
-                experts="shared", transition="renoise", dm_times=c.dm_times, phase_steps=c.phase_steps, min_t=c.min_t,
-                max_t=c.max_t, critic_steps=c.critic_steps, critic_lr_scale=c.critic_lr_scale,
-                critic_t_min=c.critic_t_min, guidance_scale=c.guidance_scale, gan_weight=c.gan_weight,
-                gan_disc_weight=c.gan_disc_weight, dm_fp32=c.dm_fp32, anchor_weight=c.anchor_weight,
-                student_opt_reset=c.student_opt_reset, reset_warmup_steps=c.reset_warmup_steps,
-                dm_weight=c.dm_weight, reg_weight=c.reg_weight, reg_pairs=c.reg_pairs, reg_ode_steps=c.reg_ode_steps), teacher,
-                student_steps)
+            # every option the two configs share passes through (DMD2's phased exits are phased_dmd with one shared
+            # network and DMD2's re-noising sampler)
+            shared = {f.name for f in dataclasses.fields(PhasedDMDConfig)} & {f.name for f in dataclasses.fields(c)}
+            passed = {k: getattr(c, k) for k in shared - {"name", "experts", "transition"}}
+            self.phased = PhasedDMD(PhasedDMDConfig(experts="shared", transition="renoise", **passed), teacher,
+                                    student_steps)
             self.student, self.critic = self.phased.student, self.phased.critic
             self.guidance, self.disc_weight, self.reg, self.per_exit = self.phased.guidance, 0.0, None, False
             return
