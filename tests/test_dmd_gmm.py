@@ -232,6 +232,40 @@ def test_backward_simulation_values():
         _objective(steps=2, dm_times="all")
 
 
+def test_dmd2_phased_transition_ddim():
+    """objective.transition=ddim: dmd2's exits move by deterministic DDIM steps on the grid (phased_dmd's sampler on one
+    shared network), exported on a stock DDIMScheduler; with a re-noising rule it is a one-line error."""
+    import torch
+
+    from fewstep.conditions import Condition
+
+    d = _objective(steps=4, transition="ddim")
+    assert d.phased.config.transition == "ddim" and d.student.num_experts == 1
+    spec = d.export_spec()
+    assert spec["scheduler"] == "DDIMScheduler" and spec["scheduler_config"]["timestep_spacing"] == "trailing"
+    cond = Condition(class_labels=torch.arange(6))
+    noise = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the sampler by hand: x0 at t_k, a DDIM move to t_{k+1}, no fresh noise
+        x, grid = noise, [*d.phased.times, 0.0]
+        for k in range(4):
+            t = torch.full((6,), grid[k])
+            x0 = d.student(x, t, cond)
+            x = d.teacher.schedule.ddim_step(x0, x, t, torch.full((6,), grid[k + 1])) if k < 3 else x0
+        out = d.sample(d.student, noise, cond, generator=torch.Generator().manual_seed(1))
+        again = d.sample(d.student, noise, cond, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(out, x, atol=1e-6) and torch.equal(out, again)  # deterministic: the generator is unused
+    r = _objective(steps=4)  # the default re-noises: another generator, another sample
+    with torch.no_grad():
+        assert not torch.allclose(r.sample(r.student, noise, cond, generator=torch.Generator().manual_seed(1)),
+                                  r.sample(r.student, noise, cond, generator=torch.Generator().manual_seed(2)))
+    with pytest.raises(ValueError, match="objective.transition=ddim needs backward_simulation=phased; "
+                                         "backward_simulation=dmd2 re-noises between exits"):
+        _objective(steps=4, transition="ddim", backward_simulation="dmd2")
+    with pytest.raises(ValueError, match="objective.transition must be 'renoise' or 'ddim', got 'euler'"):
+        _objective(steps=4, transition="euler")
+    assert _objective(steps=1, transition="ddim").phased is None  # one exit: nothing to move between
+
+
 PER_EXIT_GAN = ["student.steps=2", "objective.backward_simulation=per_exit", "train.batch_size=64", "objective.gan_weight=0.01", "objective.critic_steps=2",
                 "train.log_every=1", "train.checkpoint_every=4"]
 

@@ -240,7 +240,9 @@ print("RESULT " + json.dumps(results))
 
 EXPORTS = {"sdxl-separate": ("sdxl", "separate", 0), "sdxl-shared": ("sdxl", "shared", 0),
            "sdxl-separate-lora": ("sdxl", "separate", 4), "sd3-separate": ("sd3", "separate", 0),
-           "sd3-shared": ("sd3", "shared", 0), "flux-separate": ("flux", "separate", 0)}
+           "sd3-shared": ("sd3", "shared", 0), "flux-separate": ("flux", "separate", 0),
+           # dmd2's phased exits with objective.transition=ddim: the same sampler and export as one shared network
+           "sdxl-dmd2-ddim": ("sdxl", "dmd2", 0), "sd3-dmd2-ddim": ("sd3", "dmd2", 0)}
 
 
 @pytest.fixture(scope="module")
@@ -258,9 +260,12 @@ def exports(tmp_path_factory):
     torch.set_num_threads(1)
     try:
         for name, (family, experts, lora) in EXPORTS.items():
-            cfg = "configs/sdxl_phased_dmd.yaml" if family == "sdxl" else "configs/sd3_phased_dmd.yaml"
+            kind = "dmd2" if experts == "dmd2" else "phased_dmd"
+            cfg = f"configs/{'sdxl' if family == 'sdxl' else 'sd3'}_{kind}.yaml"
+            which = (["objective.transition=ddim", "objective.gan_weight=0", "data.images=null"] if experts == "dmd2"
+                     else [f"objective.experts={experts}"])
             ov = [f"teacher.path={tiny[family]}", "teacher.dtype=float32", "student.steps=2",
-                  f"student.lora_rank={lora}", f"objective.experts={experts}", "objective.critic_steps=1",
+                  f"student.lora_rank={lora}", *which, "objective.critic_steps=1",
                   "train.max_steps=4", "train.batch_size=2", "train.lr=1e-2", "train.mixed_precision=no",
                   "train.checkpoint_every=4", "train.sample_every=0", "train.tracker=none",
                   # DM times inside each phase: 2 steps a phase move the two experts measurably apart (above)
@@ -286,7 +291,7 @@ def test_export_roundtrip(exports, name):
     family, experts, _ = EXPORTS[name]
     r = res[name]
     stock = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}[family]
-    assert r["class"] == (stock if experts == "shared" else "Phased" + stock)
+    assert r["class"] == (stock if experts in ("shared", "dmd2") else "Phased" + stock)
     if family == "sdxl":
         assert r["scheduler"] == "DDIMScheduler" and r["timesteps"] == [999.0, 499.0]
     else:

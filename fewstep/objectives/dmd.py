@@ -116,6 +116,11 @@ class DMD2Config(ObjectiveConfig):
     # "phased": DM and critic times of exit k within its own range (t_{k+1}, t_k] ("phase") or anywhere above t_{k+1}
     # ("above", Phased DMD's paper range; phased_dmd's objective.dm_times)
     dm_times: str = "phase"
+    # "phased": how one exit's output becomes the next exit's input: "renoise" (DMD2's sampler: x0, then fresh noise at
+    # the next grid time; exported on the stock LCMScheduler, any K) or "ddim" (a deterministic DDIM / Euler move on the
+    # grid, as phased_dmd's default; exported on a stock DDIMScheduler / FlowMatchEulerDiscreteScheduler; on a 1000-step
+    # teacher K must divide 1000). The other rules re-noise.
+    transition: str = "renoise"
     # "phased": while exit k trains, an MSE term (this weight) keeps the shared network's x0 at the earlier exits'
     # inputs on a frozen snapshot of its trainable weights (a LoRA: the adapter) taken when exit k's phase started:
     # the earlier exits no longer drift (phased_dmd's objective.anchor_weight; README "Multi-step students"); 0 = off
@@ -161,6 +166,11 @@ class DMD2(Objective):
             raise ValueError(f"objective.backward_simulation must be one of {', '.join(BACKWARD_SIMULATION)}; "
                              f"got {c.backward_simulation!r}")
         self.exit_rule, per_exit = BACKWARD_SIMULATION[c.backward_simulation]
+        if c.transition not in ("renoise", "ddim"):
+            raise ValueError(f"objective.transition must be 'renoise' or 'ddim', got {c.transition!r}")
+        if c.transition == "ddim" and self.exit_rule != "phased" and student_steps > 1:
+            raise ValueError(f"objective.transition=ddim needs backward_simulation=phased; "
+                             f"backward_simulation={c.backward_simulation} re-noises between exits")
         if c.conditioning_t is not None:  # pure noise in, the network called at timestep conditioning_t
             self.times = [conditioning_time(teacher, self.steps, c.conditioning_t)]
         if c.gan_weight < 0 or c.reg_weight < 0:
@@ -170,11 +180,10 @@ class DMD2(Objective):
             from .phased_dmd import PhasedDMD, PhasedDMDConfig
 
             # every option the two configs share passes through (DMD2's phased exits are phased_dmd with one shared
-            # network and DMD2's re-noising sampler)
+            # network; objective.transition picks the sampler between exits)
             shared = {f.name for f in dataclasses.fields(PhasedDMDConfig)} & {f.name for f in dataclasses.fields(c)}
-            passed = {k: getattr(c, k) for k in shared - {"name", "experts", "transition"}}
-            self.phased = PhasedDMD(PhasedDMDConfig(experts="shared", transition="renoise", **passed), teacher,
-                                    student_steps)
+            passed = {k: getattr(c, k) for k in shared - {"name", "experts"}}
+            self.phased = PhasedDMD(PhasedDMDConfig(experts="shared", **passed), teacher, student_steps)
             self.student, self.critic = self.phased.student, self.phased.critic
             self.guidance, self.disc_weight, self.reg, self.per_exit = self.phased.guidance, 0.0, None, False
             return
@@ -209,6 +218,8 @@ class DMD2(Objective):
         return self.phased.lr_factor(group, step) if self.phased is not None else 1.0
 
     def export_spec(self):
+        if self.phased is not None:  # its sampler between exits (objective.transition) sets the scheduler
+            return self.phased.export_spec()
         spec = super().export_spec()
         if self.config.conditioning_t is not None:
             t = self.config.conditioning_t

@@ -189,7 +189,8 @@ class PhasedDMD(Objective):
         n = getattr(teacher.schedule, "num_train_timesteps", None)
         if n and n % self.steps and c.transition == "ddim":
             raise ValueError(f"phased_dmd on a {n}-step teacher needs student.steps dividing {n} (1, 2, 4, 5, 8, ...) "
-                             f"so that a stock DDIMScheduler reproduces the sampler; got {self.steps}")
+                             f"so that a stock DDIMScheduler reproduces the sampler, or objective.transition=renoise (any K); "
+                             f"got {self.steps}")
         self.bounds = [*self.times, 0.0]  # phase k: t_k -> t_{k+1}
         self.student = self._build_student(c.experts == "separate" and self.steps > 1)
         head = GANHead(teacher.feature_channels, teacher.feature_size) if c.gan_weight > 0 else None
