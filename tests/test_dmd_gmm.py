@@ -264,6 +264,18 @@ def test_dmd2_phased_transition_ddim():
     with pytest.raises(ValueError, match="objective.transition must be 'renoise' or 'ddim', got 'euler'"):
         _objective(steps=4, transition="euler")
     assert _objective(steps=1, transition="ddim").phased is None  # one exit: nothing to move between
+    from diffusers import DDPMScheduler
+
+    from fewstep.objectives.dmd import DMD2, DMD2Config
+    from fewstep.schedules import VPDiscrete
+    from fewstep.teachers.gmm import GMMTeacher, load_mixture
+
+    teacher = GMMTeacher(load_mixture("uneq6"))
+    teacher.schedule = VPDiscrete(DDPMScheduler(num_train_timesteps=1000).alphas_cumprod)  # a 1000-step teacher's grid
+    with pytest.raises(ValueError, match=r"objective.transition=ddim on a 1000-step teacher needs student.steps "
+                                         r"dividing 1000 .* or objective.transition=renoise \(any K\); got 3"):
+        DMD2(DMD2Config(transition="ddim"), teacher, 3)
+    assert DMD2(DMD2Config(), teacher, 3).export_spec()["scheduler"] == "LCMScheduler"  # renoise: any K
 
 
 PER_EXIT_GAN = ["student.steps=2", "objective.backward_simulation=per_exit", "train.batch_size=64", "objective.gan_weight=0.01", "objective.critic_steps=2",

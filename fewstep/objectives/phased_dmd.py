@@ -188,9 +188,9 @@ class PhasedDMD(Objective):
                              f"got {c.critic_steps}, {c.phase_steps}")
         n = getattr(teacher.schedule, "num_train_timesteps", None)
         if n and n % self.steps and c.transition == "ddim":
-            raise ValueError(f"phased_dmd on a {n}-step teacher needs student.steps dividing {n} (1, 2, 4, 5, 8, ...) "
-                             f"so that a stock DDIMScheduler reproduces the sampler, or objective.transition=renoise (any K); "
-                             f"got {self.steps}")
+            raise ValueError(f"objective.transition=ddim on a {n}-step teacher needs student.steps dividing {n} (1, 2, 4, "
+                             f"5, 8, ...) so that a stock DDIMScheduler reproduces the sampler, or "
+                             f"objective.transition=renoise (any K); got {self.steps}")
         self.bounds = [*self.times, 0.0]  # phase k: t_k -> t_{k+1}
         self.student = self._build_student(c.experts == "separate" and self.steps > 1)
         head = GANHead(teacher.feature_channels, teacher.feature_size) if c.gan_weight > 0 else None
