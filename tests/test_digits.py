@@ -139,6 +139,50 @@ def test_dmd2_student_exports_with_the_custom_class(dmd2_run):
     assert check_roundtrip(str(pipe_dir), obj, teacher, student) < 1e-3
 
 
+def test_handoff_ends_are_the_two_pipelines(dmd2_run, tiny_teacher):
+    """tools/digits_exit_probe.py's sampler: k = K is the exported student's own call, k = 0 the teacher's own call
+    (same noise, each with its own scheduler's clipping); in between, the student's first k steps then the teacher."""
+    from fewstep.eval.handoff import handoff_plan, handoff_sample
+    from pipelines.class_conditional import ClassConditionalPipeline
+
+    run, _ = dmd2_run
+    student = ClassConditionalPipeline.from_pretrained(str(run / "pipeline"))
+    teacher = ClassConditionalPipeline.from_pretrained(tiny_teacher)
+    for p in (student, teacher):
+        p.set_progress_bar_config(disable=True)
+    assert student.scheduler.config.clip_sample != teacher.scheduler.config.clip_sample  # each step uses its own
+    labels = [0, 3, 7, 9]
+    gens = lambda: [torch.Generator().manual_seed(s) for s in range(len(labels))]
+    noise = torch.cat([torch.randn(1, 1, 16, 16, generator=g) for g in gens()])
+    own = lambda pipe, n: pipe(class_labels=labels, num_inference_steps=n, generator=gens(), output_type="pt").images
+    ends = {k: handoff_sample(student, teacher, k, noise, labels, student_steps=4, teacher_steps=5) for k in (0, 2, 4)}
+    assert (ends[4] - own(student, 4)).abs().max() < 1e-5
+    assert (ends[0] - own(teacher, 5)).abs().max() < 1e-5
+    assert (ends[2] - ends[4]).abs().max() > 1e-3 and (ends[2] - ends[0]).abs().max() > 1e-3
+    # the hand-off: the student's grid first, then the teacher from the student's next timestep down its own grid
+    assert handoff_plan([999, 749, 499, 249], [999, 799, 599, 399, 199], 2) == [
+        ("student", 999), ("student", 749), ("teacher", 499), ("teacher", 399), ("teacher", 199)]
+    with pytest.raises(ValueError, match="the hand-off step k must be in 0..4 .* got 5"):
+        handoff_sample(student, teacher, 5, noise, labels, student_steps=4)
+    with pytest.raises(ValueError, match="teacher_steps: DDIM steps must divide the 1000 training timesteps .* got 6"):
+        handoff_sample(student, teacher, 1, noise, labels, student_steps=4, teacher_steps=6)
+    # a Phased DMD student with separate experts: each step goes to the expert of its phase, as in the pipeline's call
+    import copy
+
+    from pipelines.phased_class_conditional import PhasedClassConditionalPipeline
+
+    expert = copy.deepcopy(student.unet)
+    with torch.no_grad():
+        for w in expert.parameters():
+            w.mul_(0.9)
+    phased = PhasedClassConditionalPipeline(unet=student.unet, scheduler=student.scheduler, expert_1=expert,
+                                            expert_timesteps=[999, 499])
+    phased.set_progress_bar_config(disable=True)
+    both = handoff_sample(phased, teacher, 2, noise, labels, student_steps=2)
+    assert (both - own(phased, 2)).abs().max() < 1e-5
+    assert (both - handoff_sample(student, teacher, 2, noise, labels, student_steps=2)).abs().max() > 1e-3
+
+
 def test_compare_table_files(dmd2_run, tiny_teacher, tmp_path):
     from fewstep.eval.compare import MetricSuite, compare
     from fewstep.eval.digits import DigitsCNN, load_digits_uint8, to_rgb
