@@ -209,6 +209,18 @@ def cmd_eval(args) -> int:
     return run(args)
 
 
+def _leave_now(code: int) -> None:
+    """A stopped rank of a multi-process run exits at once, skipping the interpreter's teardown: its checkpoint is on
+    disk and its process group destroyed, but gloo's worker threads can still abort that teardown ("terminate called
+    without an active exception", SIGABRT instead of 128 + N; seen once in CI), and a scheduler reads the exit code."""
+    import logging
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
 def main(argv=None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
@@ -241,6 +253,8 @@ def main(argv=None) -> int:
     except Preempted as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"fewstep: {e}", file=sys.stderr)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            _leave_now(e.exit_code)
         return e.exit_code
     except OSError as e:  # any other failed write (metrics.json, config.yaml): one line too
         from .export import write_failure
