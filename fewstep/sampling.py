@@ -41,20 +41,27 @@ def ode_trajectory(denoiser, noise: Tensor, cond: Condition, times: Sequence[flo
     ``steps`` DDIM steps in all, spread over the segments in proportion to their length (at least one each), so
     that the states land exactly on a few-step student's grid (which a uniform 50-step grid does not contain).
     """
-    sched = denoiser.schedule
     grid = [float(v) for v in times] + [0.0]
     if any(a <= b for a, b in zip(grid[:-1], grid[1:])):
         raise ValueError(f"ode_trajectory needs decreasing times above 0, got {list(times)}")
     x = noise
     states = [x]
     for hi, lo in zip(grid[:-1], grid[1:]):
-        ts = torch.linspace(hi, lo, max(1, round(steps * (hi - lo) / grid[0])) + 1).tolist()
-        for a, b in zip(ts[:-1], ts[1:]):
-            t = torch.full((x.shape[0],), a, device=x.device)
-            x0 = denoiser(x, t, cond, guidance_scale=guidance_scale)
-            x = x0 if b == 0.0 else sched.ddim_step(x0, x, t, torch.full_like(t, b))
+        x = ode_segment(denoiser, x, cond, hi, lo, max(1, round(steps * (hi - lo) / grid[0])), guidance_scale)
         states.append(x)
     return states
+
+
+def ode_segment(denoiser, x: Tensor, cond: Condition, hi: float, lo: float, steps: int,
+                guidance_scale: Optional[float] = None) -> Tensor:
+    """The probability-flow ODE (DDIM) from ``x`` at time ``hi`` to ``lo`` (0: the sample) in ``steps`` uniform steps."""
+    sched = denoiser.schedule
+    ts = torch.linspace(hi, lo, steps + 1).tolist()
+    for a, b in zip(ts[:-1], ts[1:]):
+        t = torch.full((x.shape[0],), a, device=x.device)
+        x0 = denoiser(x, t, cond, guidance_scale=guidance_scale)
+        x = x0 if b == 0.0 else sched.ddim_step(x0, x, t, torch.full_like(t, b))
+    return x
 
 
 def few_step_sample(denoiser, noise: Tensor, cond: Condition, times: Sequence[float],

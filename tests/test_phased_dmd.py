@@ -394,6 +394,64 @@ def test_trajectory_regression_pulls_the_sampler_onto_the_teacher_ode(tmp_path):
     assert err["trained"] < 0.25 * err["init"], err
 
 
+@pytest.mark.parametrize("transition", ["ddim", "renoise"])
+def test_online_regression_targets_are_the_teacher_ode_from_the_given_state(transition):
+    """reg_online's target from a state x_{t_k}: on the teacher's own ODE states it is reg_weight's cached target (the
+    same ODE, the same steps); from any other state (here the teacher's state shifted) its move lands where the
+    teacher's ODE from that state lands, and the last step's (and with re-noising every step's) is the ODE's sample."""
+    from fewstep.conditions import Condition
+    from fewstep.sampling import ode_segment, ode_trajectory
+
+    obj, teacher = _objective(steps=4, transition=transition, reg_online=1.0, reg_ode_steps=40)
+    assert obj.times[0] == 1.0  # ode_trajectory's step density is per unit time on this grid, as reg_online's
+    cond = Condition(class_labels=torch.arange(16) % 4)
+    z = torch.randn(16, *teacher.sample_shape, generator=torch.Generator().manual_seed(2))
+    path = ode_trajectory(teacher, z, cond, obj.times, 40)
+    cached = obj.regression(path, cond).x0
+    for k in range(4):
+        assert torch.allclose(obj.online_target(path[k], k, cond), cached[k], atol=1e-5), k
+        x = path[k] + 0.3
+        y = obj.online_target(x, k, cond)
+        last = k == 3 or transition == "renoise"
+        lo = 0.0 if last else obj.bounds[k + 1]
+        landing = ode_segment(teacher, x, cond, obj.bounds[k], lo, round(40 * (obj.bounds[k] - lo)))
+        got = y if last else obj._move(y, x, k)[1]
+        assert torch.allclose(got, landing, atol=1e-4), k
+        if not last:  # it lands off the teacher's own path: the shifted state's target, not the cached one
+            assert not torch.allclose(got, path[k + 1], atol=1e-2), k
+
+
+def test_online_regression_pulls_the_students_own_sampler_onto_the_teacher_ode(tmp_path):
+    """Trained on reg_online alone (no DM term, no cached pairs), a 2-step student maps fresh noise to the teacher's
+    ODE sample from that noise (it starts as the teacher at 2 DDIM steps, far from it); the term is logged; bad
+    values and a 1-step dmd2 student are one-line errors."""
+    from fewstep.api import load_run
+    from fewstep.conditions import Condition
+    from fewstep.objectives.dmd import DMD2, DMD2Config
+    from fewstep.sampling import ode_sample
+
+    m = _run(tmp_path, "online", "teacher.path=gmm:uneq6", "student.steps=2", "train.max_steps=300",
+             "train.log_every=1", "objective.critic_steps=1", "objective.dm_weight=0", "objective.reg_online=1",
+             "objective.reg_online_rows=32", "objective.reg_ode_steps=20")
+    assert any("student/loss_reg_online_mse" in h for h in m["history_tail"])
+    assert not (tmp_path / "online" / "regression_paths_2step.safetensors").exists()
+    _, teacher, _, obj = load_run(str(tmp_path / "online"))
+    z = torch.randn(256, *teacher.sample_shape, generator=torch.Generator().manual_seed(9))
+    cond = Condition(class_labels=torch.arange(256) % 6)
+    err = {}
+    with torch.no_grad():
+        y = ode_sample(teacher, z, cond, 20)
+        err["init"] = float(((obj.sample(obj.student, z, cond) - y) ** 2).mean())
+        trained = teacher.load_student(tmp_path / "online" / teacher.student_folder, obj)
+        err["trained"] = float(((obj.sample(trained, z, cond) - y) ** 2).mean())
+    assert err["trained"] < 0.25 * err["init"], err
+    with pytest.raises(ValueError, match="objective.reg_online and reg_online_rows must be >= 0; got -1.0, 0"):
+        _objective(reg_online=-1.0)
+    with pytest.raises(ValueError, match=r"objective.reg_online=1.0 needs student.steps >= 2 with "
+                                         r"backward_simulation=phased \(got 1 step\(s\), phased\)"):
+        DMD2(DMD2Config(reg_online=1.0), teacher, 1)
+
+
 @pytest.mark.parametrize("experts", ["shared", "separate"])
 def test_regression_rows_cover_the_exits_the_network_serves(experts):
     """Phase 2 of 4: one shared network takes the regression term at every exit trained so far (its times 0..2: it

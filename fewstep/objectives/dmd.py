@@ -107,6 +107,10 @@ class DMD2Config(ObjectiveConfig):
     reg_weight: float = 0.0  # regression on cached teacher ODE pairs (DMD: 0.25); 0 disables
     reg_pairs: int = 1024  # number of cached (noise, teacher ODE sample) pairs
     reg_ode_steps: int = 50  # teacher DDIM steps used to make the pairs
+    # "phased" at 2-4 steps: on-policy regression of each exit from its own rollout input onto the teacher's ODE from
+    # there (phased_dmd's objective.reg_online, reg_online_rows; README "Regression on the teacher's ODE"); 0 = off
+    reg_online: float = 0.0
+    reg_online_rows: int = 0
     critic_t_min: float = 0.001  # critic denoising time range (all t)
     # multi-step students: "phased" (exits trained one after another, each in its own noise range), "per_exit"
     # (every exit at once, one critic per exit), "dmd2" (alias "random": a random exit, one critic for all
@@ -176,6 +180,10 @@ class DMD2(Objective):
         if c.gan_weight < 0 or c.reg_weight < 0:
             raise ValueError("objective.gan_weight and objective.reg_weight must be >= 0")
         self.phased = None
+        if c.reg_online and not (self.exit_rule == "phased" and self.steps > 1):
+            raise ValueError(f"objective.reg_online={c.reg_online} needs student.steps >= 2 with "
+                             f"backward_simulation=phased (got {self.steps} step(s), {c.backward_simulation}); "
+                             f"a 1-step student takes reg_weight's cached pairs")
         if self.exit_rule == "phased" and self.steps > 1:
             from .phased_dmd import PhasedDMD, PhasedDMDConfig
 

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from .. import losses
 from ..conditions import Condition
+from ..sampling import ode_segment
 from ..schedules import _bcast
 from ..teachers.base import frozen
 from .base import Batch, LossOutput, Objective, ObjectiveConfig, register, sampler_for
@@ -89,6 +90,13 @@ class PhasedDMDConfig(ObjectiveConfig):
     reg_weight: float = 0.0
     reg_pairs: int = 1024
     reg_ode_steps: int = 50
+    # on-policy regression (this weight; 0 = off): the step's own input x_{t_k} (the student's earlier steps, run from
+    # noise) pulled to the x0 of the teacher's ODE run from that same x_{t_k} (reg_ode_steps per unit time) to
+    # t_{k+1} (the last step and transition=renoise: to the sample). reg_weight's cached rows start from the teacher's
+    # states, which the student's own earlier steps never quite reach; these start where the student actually is.
+    # Costs ~reg_ode_steps * (t_k - t_{k+1}) teacher calls per student update on reg_online_rows rows (0: the batch)
+    reg_online: float = 0.0
+    reg_online_rows: int = 0
 
 
 class PhasedStudent(nn.Module):
@@ -211,6 +219,9 @@ class PhasedDMD(Objective):
             raise ValueError(f"objective.reg_weight must be >= 0, reg_pairs >= 1 and reg_ode_steps >= student.steps "
                              f"({self.steps}); got {c.reg_weight}, {c.reg_pairs}, {c.reg_ode_steps}")
         self.reg: Optional[TrajectoryRegression] = None  # setup() with reg_weight > 0
+        if c.reg_online < 0 or c.reg_online_rows < 0:
+            raise ValueError(f"objective.reg_online and reg_online_rows must be >= 0; got {c.reg_online}, "
+                             f"{c.reg_online_rows}")
 
     def _build_student(self, separate: bool) -> PhasedStudent:
         first = self.teacher.new_network("student")
@@ -470,7 +481,26 @@ class PhasedDMD(Objective):
             loss_r = torch.nn.functional.mse_loss(out[len(out) - n:].float(), y_r.float())
             total = total + c.reg_weight * loss_r
             logs["loss_reg_mse"] = loss_r.detach()
+        if c.reg_online > 0:
+            m = min(n, c.reg_online_rows or n)
+            loss_o = torch.nn.functional.mse_loss(x0[:m].float(), self.online_target(x_in[:m], k, batch.cond[:m]))
+            total = total + c.reg_online * loss_o
+            logs["loss_reg_online_mse"] = loss_o.detach()
         return LossOutput(total, logs)
+
+    @torch.no_grad()
+    def online_target(self, x: Tensor, k: int, cond: Condition) -> Tensor:
+        """The x0 target of step k from the student's own ``x = x_{t_k}``: the teacher's ODE from ``x`` over the step
+        (``reg_ode_steps`` per unit time), as :class:`TrajectoryRegression`'s targets are from the teacher's states:
+        the x0 whose DDIM/Euler move lands where the ODE does, or (last step, re-noising moves) the ODE's sample."""
+        hi = self.bounds[k]
+        lo = 0.0 if k == self.steps - 1 or self.config.transition == "renoise" else self.bounds[k + 1]
+        x_end = ode_segment(self.teacher, x, cond, hi, lo, max(1, round(self.config.reg_ode_steps * (hi - lo))),
+                            self.guidance)
+        if lo == 0.0:
+            return x_end.float()
+        t = torch.full((x.shape[0],), hi, device=x.device)
+        return self.teacher.schedule.ddim_x0(x, x_end, t, torch.full_like(t, lo)).float()
 
     def critic_targets(self, kind: str, x_s: Tensor, k: int, t: Tensor, batch: Batch):
         """``(x_t, target, weight)``: x_t forward-diffused from the generated ``x_s = x_{t_{k+1}}``.
