@@ -20,7 +20,7 @@ EXIT_WRITE = 74  # a write failed (sysexits EX_IOERR)
 
 DEMO_OVERRIDES = [
     "teacher.path=gmm:ring8", "teacher.guidance_scale=1", "student.steps=1", "objective.name=dmd2",
-    "objective.critic_steps=5", "train.max_steps=10000", "train.batch_size=256", "train.lr=1e-3",
+    "objective.critic_steps=5", "objective.lr_decay=cosine", "train.max_steps=10000", "train.batch_size=256", "train.lr=1e-3",
     "train.adam_beta1=0", "train.ema_decay=0.98", "train.checkpoint_every=2500", "train.log_every=50", "train.seed=0",
 ]
 

@@ -26,13 +26,15 @@ def one_step(tmp_path_factory):
 
 def test_dmd2_one_step_matches_teacher_distribution(one_step):
     """One seed: every mode, most samples in a mode, energy distance within 3x the teacher ODE's.  The ratio varies
-    with the seed (tools/benchmark.py, 18 seeds: median 1.16, 0.92-2.85), so the 1.5x acceptance is asserted on the
-    median of five seeds in test_dmd2_one_step_median_over_seeds (slow)."""
+    with the seed (the config's cosine lr, seeds 0-5: 0.92-1.51; a constant lr left seed 0 at 6.18x on the current
+    CI machine), so the 1.5x acceptance is asserted on the median of five seeds in
+    test_dmd2_one_step_median_over_seeds (slow)."""
     m, _ = one_step
     ev = m["eval"]
     assert ev["student"]["modes_covered"] == 8
     assert ev["student"]["in_mode_frac"] > 0.9, m["table"]
     assert ev["student"]["energy_distance"] <= 3.0 * ev["teacher"]["energy_distance"], m["table"]
+    assert 0.85 <= ev["student"]["spread"] <= 1.15, m["table"]  # not shrunk inside the modes
     assert ev["student"]["nfe"] == 1 and ev["teacher"]["nfe"] == 100
     assert os.path.isfile(m["plot"])
 

@@ -110,7 +110,7 @@ def test_reset_warmup_ramps_the_students_lr_after_each_phase_start(tmp_path):
     cfg = load_config(str(ROOT / "configs" / "gmm_dmd2.yaml"), [
         "train.tracker=none", f"output_dir={tmp_path}", "teacher.path=gmm:line4", "train.batch_size=16",
         "student.steps=2", "objective.phase_steps=2", "objective.critic_steps=1", "objective.student_opt_reset=true",
-        "objective.reset_warmup_steps=4", "train.max_steps=4", "train.progress=none"])
+        "objective.reset_warmup_steps=4", "train.max_steps=4", "train.progress=none", "objective.lr_decay=constant"])
     teacher, data, o = build(cfg)
     tr = Trainer(cfg, teacher, o, data, tmp_path, log=lambda *a: None)
     lrs = []
@@ -121,4 +121,48 @@ def test_reset_warmup_ramps_the_students_lr_after_each_phase_start(tmp_path):
         assert tr._raw_opts["student"].param_groups[0]["lr"] == cfg.train.lr  # the factor is for that update only
         assert float(logs["critic/lr"]) == cfg.train.lr
     assert lrs == [cfg.train.lr, cfg.train.lr, cfg.train.lr / 4, cfg.train.lr / 2]
+    tr.end()
+
+
+def test_lr_decay_cosine_over_the_run_and_within_each_phase(tmp_path):
+    """objective.lr_decay=cosine: a 1-step student's (and critic's) lr falls as a half cosine from train.lr to
+    lr_decay_min x train.lr over train.max_steps; phased exits restart the cosine at each phase, times the reset ramp;
+    constant (default) leaves it at 1.  Through the trainer the update's lr is the factor's, for that update only."""
+    import math
+
+    import pytest
+
+    from fewstep.api import build
+    from fewstep.config import load_config
+    from fewstep.trainer import Trainer
+
+    one, _ = _dmd2(steps=1, lr_decay="cosine", lr_decay_min=0.1)
+    one.set_max_steps(100)
+    assert one.lr_factor("student", 0) == 1.0 and one.lr_factor("critic", 0) == 1.0
+    assert one.lr_factor("critic", 50) == pytest.approx(0.55)
+    assert one.lr_factor("student", 100) == pytest.approx(0.1) and one.lr_factor("student", 150) == pytest.approx(0.1)
+    assert one.lr_factor("student", 25) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
+    plain, _ = _dmd2(steps=1)
+    plain.set_max_steps(100)
+    assert {plain.lr_factor(g, s) for g in ("student", "critic") for s in (0, 50, 99)} == {1.0}
+    ph, _ = _dmd2(steps=2, phase_steps=10, lr_decay="cosine", lr_decay_min=0.0, reset_warmup_steps=4)
+    assert ph.lr_factor("critic", 5) == pytest.approx(0.5) and ph.lr_factor("critic", 15) == pytest.approx(0.5)
+    assert ph.lr_factor("student", 10) == pytest.approx(0.25)  # phase 1's first step: ramp 1/4 x cosine 1
+    assert ph.lr_factor("student", 15) == pytest.approx(0.5)  # ramp done, half-way down the cosine
+    for bad, msg in (({"lr_decay": "linear"}, "objective.lr_decay must be one of constant, cosine; got 'linear'"),
+                     ({"lr_decay_min": 2.0}, "objective.lr_decay_min must lie in [0, 1]")):
+        with pytest.raises(ValueError, match=msg.replace("[", r"\[").replace("]", r"\]")):
+            _dmd2(steps=1, **bad)
+    cfg = load_config(str(ROOT / "configs" / "gmm_dmd2.yaml"), [
+        "train.tracker=none", f"output_dir={tmp_path}", "teacher.path=gmm:line4", "train.batch_size=16",
+        "objective.critic_steps=1", "objective.lr_decay=cosine", "objective.lr_decay_min=0.2", "train.max_steps=4",
+        "train.progress=none"])
+    teacher, data, o = build(cfg)
+    tr = Trainer(cfg, teacher, o, data, tmp_path, log=lambda *a: None)
+    for step in range(4):
+        tr.step = step
+        logs = tr.train_step()
+        want = cfg.train.lr * (0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * step / 4)))
+        assert float(logs["student/lr"]) == pytest.approx(want) and float(logs["critic/lr"]) == pytest.approx(want)
+        assert tr._raw_opts["critic"].param_groups[0]["lr"] == cfg.train.lr
     tr.end()

@@ -158,7 +158,7 @@ def _distill(tmp_path, name, *overrides):
     cfg = load_config("configs/gmm_dmd2.yaml", [
         "train.tracker=none", f"output_dir={tmp_path}/{name}", "train.batch_size=32", "train.log_every=1",
         "train.checkpoint_every=2", "objective.critic_steps=2", "train.lr_warmup_steps=3", "train.weight_decay=0.01",
-        "train.ema_decay=0", *overrides])
+        "train.ema_decay=0", "objective.lr_decay=constant", *overrides])
     return distill(cfg, log=lambda *a: None)
 
 

@@ -15,6 +15,7 @@ than having the trainer swap attributes on the objective, keeps objectives free 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Optional
 
@@ -289,3 +290,23 @@ def get_objective(name: str) -> type:
 
 def config_fields(cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls.Config)}
+
+
+LR_DECAYS = ("constant", "cosine")
+
+
+def check_lr_decay(c) -> None:
+    """``objective.lr_decay`` / ``lr_decay_min`` (dmd, dmd2, phased_dmd): one-line errors for bad values."""
+    if c.lr_decay not in LR_DECAYS:
+        raise ValueError(f"objective.lr_decay must be one of {', '.join(LR_DECAYS)}; got {c.lr_decay!r}")
+    if not 0.0 <= c.lr_decay_min <= 1.0:
+        raise ValueError(f"objective.lr_decay_min must lie in [0, 1] (a fraction of train.lr); got {c.lr_decay_min}")
+
+
+def decay_factor(c, step: int, length: Optional[int]) -> float:
+    """The lr factor of ``objective.lr_decay`` at ``step`` of a stretch of ``length`` steps (the run, or one phase):
+    1 for ``constant``; for ``cosine`` a half cosine from 1 at step 0 to ``lr_decay_min`` at ``length``."""
+    if c.lr_decay == "constant" or not length:
+        return 1.0
+    frac = min(max(step, 0), length) / length
+    return c.lr_decay_min + (1.0 - c.lr_decay_min) * 0.5 * (1.0 + math.cos(math.pi * frac))

@@ -31,7 +31,7 @@ from ..conditions import Condition
 from ..sampling import ode_segment
 from ..schedules import _bcast
 from ..teachers.base import frozen
-from .base import Batch, LossOutput, Objective, ObjectiveConfig, register, sampler_for
+from .base import Batch, LossOutput, Objective, ObjectiveConfig, check_lr_decay, decay_factor, register, sampler_for
 from .anchor import PhaseAnchor
 from .critics import Critic, GANHead, _plain, fake_score
 from .regression import TrajectoryRegression, cached_ode_paths
@@ -97,6 +97,10 @@ class PhasedDMDConfig(ObjectiveConfig):
     # Costs ~reg_ode_steps * (t_k - t_{k+1}) teacher calls per student update on reg_online_rows rows (0: the batch)
     reg_online: float = 0.0
     reg_online_rows: int = 0
+    # "cosine": the student's and the critic's lr follow a half cosine within each phase, from train.lr down to
+    # lr_decay_min x train.lr at the phase's end (times the reset ramp); "constant": no decay (dmd2's objective.lr_decay)
+    lr_decay: str = "constant"
+    lr_decay_min: float = 0.05
 
 
 class PhasedStudent(nn.Module):
@@ -207,6 +211,7 @@ class PhasedDMD(Objective):
         self.guidance = teacher.guidance_scale if c.guidance_scale is None else float(c.guidance_scale)
         self.disc_weight = 2 * c.gan_weight if c.gan_disc_weight is None else c.gan_disc_weight
         self.max_steps: Optional[int] = None
+        check_lr_decay(c)
         if c.anchor_weight < 0:
             raise ValueError(f"objective.anchor_weight must be >= 0, got {c.anchor_weight}")
         if c.reset_warmup_steps is not None and c.reset_warmup_steps < 0:
@@ -342,15 +347,17 @@ class PhasedDMD(Objective):
         """``reset_warmup_steps``: from each phase start after the first where the student's optimizer state is
         fresh (a new separate expert, or one shared network with ``student_opt_reset``), its lr ramps up linearly: the
         phase's step i updates at lr (i + 1) / W.  A fresh Adam state (beta1 = 0, or bias-corrected) otherwise moves
-        every weight by about the lr at its first updates (README "Multi-step students")."""
+        every weight by about the lr at its first updates (README "Multi-step students").  Both groups take
+        ``objective.lr_decay`` within each phase on top."""
+        into = step - self.phase(step) * self.phase_length()
+        decay = decay_factor(self.config, into, self.phase_length())  # objective.lr_decay, within the phase
         w = self.config.reset_warmup_steps
         if w is None:
             w = self.phase_length() // 5
         fresh = self.student_reset or self.student.num_experts > 1  # a new expert's Adam state is empty as well
         if group != "student" or not w or not fresh or step < self.phase_length():
-            return 1.0
-        into = step - self.phase(step) * self.phase_length()
-        return min(1.0, (into + 1) / w)
+            return decay
+        return decay * min(1.0, (into + 1) / w)
 
     # ---- contract -------------------------------------------------------------------------------
     def networks(self):
