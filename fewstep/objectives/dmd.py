@@ -147,7 +147,7 @@ class DMD2Config(ObjectiveConfig):
     conditioning_t: Optional[int] = None
     # "cosine": the student's and the critic's lr follow a half cosine from train.lr down to lr_decay_min x train.lr
     # over the run (a 1-step student) or over each exit's phase ("phased"), so the two players settle instead of
-    # circling each other at the end (ring8 1 step, seed 0: 6.18x / spread 0.46 with a constant lr, 1.00x / 1.00 with
+    # circling each other at the end (ring8 1 step, seed 0: 6.18x / spread 0.46 with a constant lr, 1.06x / 0.98 with
     # it); "constant" (default): the lr stays (README "Training behaviour you can rely on")
     lr_decay: str = "constant"
     lr_decay_min: float = 0.05
